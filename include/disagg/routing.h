@@ -1,0 +1,372 @@
+// MoE routing kernels on the CPU (torch-free): fused scoring + (grouped) top-k + capacity, and
+// the expert-grouped dispatch layout, permute and weighted combine.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <numeric>
+#include <vector>
+
+#include "disagg/common.h"
+
+namespace disagg {
+
+enum class Scoring : int32_t { kSoftmax = 0, kSigmoid = 1 };
+enum class GroupScore : int32_t { kMax = 0, kSumTop2 = 1 };
+enum class DropPolicy : int32_t { kPosition = 0, kProbs = 1 };
+enum class Overflow : int32_t { kDrop = 0, kReroute = 1 };
+
+struct RouteParams {
+  int64_t num_tokens = 0;
+  int64_t num_experts = 0;
+  int64_t top_k = 1;
+  int64_t logits_row_stride = 0;  // elements between consecutive tokens
+  Scoring scoring = Scoring::kSoftmax;
+  const float* bias = nullptr;  // [E] selection bias or nullptr
+  int64_t num_groups = 1;
+  int64_t topk_groups = 1;
+  GroupScore group_score = GroupScore::kMax;
+  bool renormalize = true;
+  float routed_scaling_factor = 1.0f;
+  int64_t capacity = 0;  // <= 0: dropless
+  DropPolicy drop_policy = DropPolicy::kPosition;
+  Overflow overflow = Overflow::kDrop;
+};
+
+// Capacity per expert: ceil(capacity_factor * T * k / E). The product is formed in double and a
+// relative 1e-9 slack absorbs the representation error of factors such as 1.2, so that
+// 1.2 * 100 * 2 / 8 gives 30 and not 31. capacity_factor <= 0 means dropless (returns 0).
+inline int64_t route_capacity(double capacity_factor, int64_t num_tokens, int64_t top_k,
+                              int64_t num_experts) {
+  if (!(capacity_factor > 0.0) || num_tokens <= 0) return 0;
+  const double c = capacity_factor * static_cast<double>(num_tokens) *
+                   static_cast<double>(top_k) / static_cast<double>(num_experts);
+  const double r = std::ceil(c - 1e-9 * std::max(1.0, c));
+  return std::max<int64_t>(1, static_cast<int64_t>(r));
+}
+
+namespace detail {
+
+// Scores of one token in float: softmax or sigmoid. NaN counts as -inf. A softmax row with
+// +inf entries gives those entries equal shares of 1; a row with no finite entry above -inf
+// gives all zeros.
+template <typename T>
+inline void score_row(const T* x, int64_t E, Scoring scoring, float* out) {
+  if (scoring == Scoring::kSigmoid) {
+    for (int64_t e = 0; e < E; ++e) {
+      const float v = to_float(x[e]);
+      out[e] = std::isnan(v) ? 0.0f : 1.0f / (1.0f + std::exp(-v));
+    }
+    return;
+  }
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int64_t e = 0; e < E; ++e) {
+    float v = to_float(x[e]);
+    if (std::isnan(v)) v = -std::numeric_limits<float>::infinity();
+    out[e] = v;
+    mx = std::max(mx, v);
+  }
+  if (mx == -std::numeric_limits<float>::infinity()) {
+    std::fill(out, out + E, 0.0f);
+    return;
+  }
+  if (mx == std::numeric_limits<float>::infinity()) {
+    int64_t n = 0;
+    for (int64_t e = 0; e < E; ++e) n += out[e] == mx;
+    const float share = 1.0f / static_cast<float>(n);
+    for (int64_t e = 0; e < E; ++e) out[e] = out[e] == mx ? share : 0.0f;
+    return;
+  }
+  float sum = 0.0f;
+  for (int64_t e = 0; e < E; ++e) {
+    out[e] = std::exp(out[e] - mx);
+    sum += out[e];
+  }
+  const float inv = 1.0f / sum;
+  for (int64_t e = 0; e < E; ++e) out[e] *= inv;
+}
+
+// Selection scores (score + bias) with the experts of unselected groups set to -inf.
+inline void selection_row(const float* score, const RouteParams& p, float* sel, float* gscore,
+                          int32_t* gorder) {
+  const int64_t E = p.num_experts;
+  for (int64_t e = 0; e < E; ++e) sel[e] = score[e] + (p.bias ? p.bias[e] : 0.0f);
+  if (p.num_groups <= 1 || p.topk_groups >= p.num_groups) return;
+  const int64_t G = p.num_groups, per = E / G;
+  for (int64_t g = 0; g < G; ++g) {
+    const float* s = sel + g * per;
+    if (p.group_score == GroupScore::kMax || per < 2) {
+      float m = s[0];
+      for (int64_t i = 1; i < per; ++i) m = std::max(m, s[i]);
+      gscore[g] = m;
+    } else {
+      float a = -std::numeric_limits<float>::infinity(), b = a;
+      for (int64_t i = 0; i < per; ++i) {
+        if (s[i] > a) { b = a; a = s[i]; } else if (s[i] > b) { b = s[i]; }
+      }
+      gscore[g] = a + b;
+    }
+    gorder[g] = static_cast<int32_t>(g);
+  }
+  std::partial_sort(gorder, gorder + p.topk_groups, gorder + G, [&](int32_t a, int32_t b) {
+    return ranks_before(gscore[a], a, gscore[b], b);
+  });
+  // Mark kept groups, mask the rest.
+  std::vector<char> keep_group(static_cast<size_t>(G), 0);
+  for (int64_t i = 0; i < p.topk_groups; ++i) keep_group[gorder[i]] = 1;
+  for (int64_t g = 0; g < G; ++g)
+    if (!keep_group[g])
+      for (int64_t i = 0; i < per; ++i) sel[g * per + i] = -std::numeric_limits<float>::infinity();
+}
+
+// Indices of the k best entries of sel (ties to the lower index), best first. Masked experts
+// (-inf because their group was not chosen) come last, so they are only picked when k exceeds
+// the experts of the chosen groups.
+inline void topk_row(const float* sel, int64_t E, int64_t k, int32_t* idx, int32_t* scratch) {
+  if (k <= 16) {
+    int64_t n = 0;
+    for (int64_t e = 0; e < E; ++e) {
+      const float s = sel[e];
+      if (n == k && !ranks_before(s, static_cast<int32_t>(e), sel[idx[n - 1]], idx[n - 1])) continue;
+      int64_t pos = (n < k) ? n++ : k - 1;
+      while (pos > 0 && ranks_before(s, static_cast<int32_t>(e), sel[idx[pos - 1]], idx[pos - 1])) {
+        idx[pos] = idx[pos - 1];
+        --pos;
+      }
+      idx[pos] = static_cast<int32_t>(e);
+    }
+    return;
+  }
+  std::iota(scratch, scratch + E, 0);
+  std::partial_sort(scratch, scratch + k, scratch + E, [&](int32_t a, int32_t b) {
+    return ranks_before(sel[a], a, sel[b], b);
+  });
+  std::copy(scratch, scratch + k, idx);
+}
+
+}  // namespace detail
+
+// Fused routing. Outputs: weights [T,k] float, ids [T,k] (-1 = dropped), slots [T,k] (position in
+// the expert's buffer, -1 = dropped) and counts [E] (assignments each expert received).
+//
+// Capacity semantics (capacity > 0):
+//  * position: for each expert, the first `capacity` assignments in token order are kept.
+//  * probs:    for each expert, the `capacity` assignments with the highest weight are kept
+//              (ties to the lower token index).
+//  Kept assignments take slots 0.. in token order. With overflow == reroute, the dropped
+//  assignments are then visited in priority order (position: token order; probs: weight
+//  descending) and each moves to the token's best remaining expert by selection score (within
+//  the chosen groups, not already held by the token) that still has room, taking the next free
+//  slot; its weight becomes that expert's score under the same normalisation as the original
+//  choice. Assignments that find no room are dropped: id -1, slot -1, weight 0.
+template <typename T>
+Status route_cpu(const T* logits, const RouteParams& p, float* weights, int32_t* ids,
+                 int32_t* slots, int32_t* counts) {
+  const int64_t Tn = p.num_tokens, E = p.num_experts, k = p.top_k;
+  if (E < 1 || k < 1 || k > E) return Status::kInvalidArgument;
+  if (p.num_groups < 1 || E % p.num_groups != 0 || p.topk_groups < 1 || p.topk_groups > p.num_groups)
+    return Status::kInvalidArgument;
+  // Per-token normaliser of the weights, kept for rerouting.
+  std::vector<float> denom(static_cast<size_t>(Tn), 1.0f);
+
+#pragma omp parallel if (Tn * E > 32768)
+  {
+    std::vector<float> score(E), sel(E), gscore(p.num_groups);
+    std::vector<int32_t> gorder(p.num_groups), scratch(E), idx(k);
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < Tn; ++t) {
+      detail::score_row(logits + t * p.logits_row_stride, E, p.scoring, score.data());
+      detail::selection_row(score.data(), p, sel.data(), gscore.data(), gorder.data());
+      detail::topk_row(sel.data(), E, k, idx.data(), scratch.data());
+      float sum = 0.0f;
+      for (int64_t j = 0; j < k; ++j) sum += score[idx[j]];
+      const float d = (p.renormalize && sum > 0.0f) ? sum : 1.0f;
+      denom[t] = d;
+      for (int64_t j = 0; j < k; ++j) {
+        ids[t * k + j] = idx[j];
+        weights[t * k + j] = score[idx[j]] / d * p.routed_scaling_factor;
+      }
+    }
+  }
+
+  std::fill(counts, counts + E, 0);
+  const int64_t N = Tn * k;
+  if (p.capacity <= 0) {  // dropless: slots are positions in token order
+    for (int64_t a = 0; a < N; ++a) slots[a] = counts[ids[a]]++;
+    return Status::kOk;
+  }
+  const int64_t C = p.capacity;
+  std::vector<int64_t> dropped;  // assignment indices, filled in priority order
+  if (p.drop_policy == DropPolicy::kPosition) {
+    for (int64_t a = 0; a < N; ++a) {
+      const int32_t e = ids[a];
+      if (counts[e] < C) {
+        slots[a] = counts[e]++;
+      } else {
+        slots[a] = -1;
+        dropped.push_back(a);
+      }
+    }
+  } else {
+    // Bucket the assignments by expert (token order), keep each bucket's C heaviest.
+    std::vector<int64_t> start(E + 1, 0), order(N);
+    for (int64_t a = 0; a < N; ++a) ++start[ids[a] + 1];
+    for (int64_t e = 0; e < E; ++e) start[e + 1] += start[e];
+    std::vector<int64_t> fill(start.begin(), start.end() - 1);
+    for (int64_t a = 0; a < N; ++a) order[fill[ids[a]]++] = a;
+    std::vector<char> keep(N, 0);
+    auto heavier = [&](int64_t a, int64_t b) {
+      return weights[a] > weights[b] || (weights[a] == weights[b] && a < b);
+    };
+    for (int64_t e = 0; e < E; ++e) {
+      int64_t* b = order.data() + start[e];
+      int64_t* en = order.data() + start[e + 1];
+      if (en - b > C) std::nth_element(b, b + C, en, heavier);
+      for (int64_t* q = b; q < std::min(en, b + C); ++q) keep[*q] = 1;
+    }
+    for (int64_t a = 0; a < N; ++a) {
+      if (keep[a]) {
+        slots[a] = counts[ids[a]]++;
+      } else {
+        slots[a] = -1;
+        dropped.push_back(a);
+      }
+    }
+    if (p.overflow == Overflow::kReroute) std::stable_sort(dropped.begin(), dropped.end(), heavier);
+  }
+
+  if (p.overflow == Overflow::kReroute && !dropped.empty()) {
+    std::vector<float> score(E), sel(E), gscore(p.num_groups);
+    std::vector<int32_t> gorder(p.num_groups), cand(E);
+    int64_t cached_token = -1;
+    for (int64_t a : dropped) {
+      const int64_t t = a / k;
+      if (t != cached_token) {
+        detail::score_row(logits + t * p.logits_row_stride, E, p.scoring, score.data());
+        detail::selection_row(score.data(), p, sel.data(), gscore.data(), gorder.data());
+        std::iota(cand.begin(), cand.end(), 0);
+        std::stable_sort(cand.begin(), cand.end(), [&](int32_t x, int32_t y) {
+          return ranks_before(sel[x], x, sel[y], y);
+        });
+        cached_token = t;
+      }
+      int32_t chosen = -1;
+      for (int64_t r = 0; r < E && chosen < 0; ++r) {
+        const int32_t e = cand[r];
+        if (sel[e] == -std::numeric_limits<float>::infinity() && p.num_groups > 1 &&
+            p.topk_groups < p.num_groups)
+          break;  // outside the chosen groups
+        if (counts[e] >= C) continue;
+        bool held = false;
+        for (int64_t j = 0; j < k; ++j) held |= (ids[t * k + j] == e);
+        if (!held) chosen = e;
+      }
+      if (chosen >= 0) {
+        ids[a] = chosen;
+        slots[a] = counts[chosen]++;
+        weights[a] = score[chosen] / denom[t] * p.routed_scaling_factor;
+      }
+    }
+  }
+  for (int64_t a : dropped) {
+    if (slots[a] < 0) {
+      ids[a] = -1;
+      weights[a] = 0.0f;
+    }
+  }
+  return Status::kOk;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dispatch layout: from ids [T,k] (-1 = dropped) to an expert-grouped order.
+//  compact (capacity == 0): rows of expert e occupy [expert_offsets[e], expert_offsets[e+1]),
+//    within an expert in token order; num_rows = T*k, rows past expert_offsets[E] are empty.
+//  padded (capacity > 0): row of assignment a is e*C + slots[a]; num_rows = E*C.
+// Outputs: dest [T*k] (row of each assignment, -1 if dropped), src [num_rows] (assignment index
+// of each row, -1 if empty), expert_offsets [E+1], rank_offsets [R+1] (rank r owns experts
+// [r*E/R, (r+1)*E/R) rounded down, i.e. contiguous, balanced split).
+template <typename I>
+Status moe_layout_cpu(const I* ids, const I* slots, int64_t num_assign, int64_t E, int64_t R,
+                      int64_t capacity, int32_t* dest, int32_t* src, int32_t* expert_offsets,
+                      int32_t* rank_offsets) {
+  const int64_t rows = capacity > 0 ? E * capacity : num_assign;
+  std::fill(src, src + rows, -1);
+  std::fill(expert_offsets, expert_offsets + E + 1, 0);
+  for (int64_t a = 0; a < num_assign; ++a) {
+    const int64_t e = static_cast<int64_t>(ids[a]);
+    if (e < -1 || e >= E) return Status::kInvalidArgument;
+    if (e >= 0) ++expert_offsets[e + 1];
+  }
+  if (capacity > 0) {
+    for (int64_t e = 0; e <= E; ++e) expert_offsets[e] = static_cast<int32_t>(e * capacity);
+    for (int64_t a = 0; a < num_assign; ++a) {
+      const int64_t e = static_cast<int64_t>(ids[a]);
+      if (e < 0) { dest[a] = -1; continue; }
+      const int64_t s = static_cast<int64_t>(slots[a]);
+      if (s < 0 || s >= capacity) return Status::kInvalidArgument;
+      const int64_t row = e * capacity + s;
+      if (src[row] != -1) return Status::kInvalidArgument;  // two assignments in one slot
+      dest[a] = static_cast<int32_t>(row);
+      src[row] = static_cast<int32_t>(a);
+    }
+  } else {
+    for (int64_t e = 0; e < E; ++e) expert_offsets[e + 1] += expert_offsets[e];
+    std::vector<int32_t> fill(expert_offsets, expert_offsets + E);
+    for (int64_t a = 0; a < num_assign; ++a) {
+      const int64_t e = static_cast<int64_t>(ids[a]);
+      if (e < 0) { dest[a] = -1; continue; }
+      const int32_t row = fill[e]++;
+      dest[a] = row;
+      src[row] = static_cast<int32_t>(a);
+    }
+  }
+  for (int64_t r = 0; r <= R; ++r) rank_offsets[r] = expert_offsets[(r * E) / R];
+  return Status::kOk;
+}
+
+// out[r, :] = x[src[r] / k, :] (zeros where src[r] == -1). Rows are independent: parallel.
+template <typename T>
+Status moe_permute_cpu(const T* x, int64_t num_tokens, int64_t hidden, int64_t x_row_stride,
+                       const int32_t* src, int64_t rows, int64_t top_k, T* out) {
+  for (int64_t r = 0; r < rows; ++r)
+    if (src[r] < -1 || src[r] >= num_tokens * top_k) return Status::kInvalidArgument;
+#pragma omp parallel for schedule(static) if (rows * hidden > 65536)
+  for (int64_t r = 0; r < rows; ++r) {
+    T* o = out + r * hidden;
+    if (src[r] < 0) {
+      std::memset(static_cast<void*>(o), 0, sizeof(T) * hidden);
+    } else {
+      std::memcpy(static_cast<void*>(o), x + (src[r] / top_k) * x_row_stride, sizeof(T) * hidden);
+    }
+  }
+  return Status::kOk;
+}
+
+// out[t, :] = sum_j weights[t,j] * y[dest[t,j], :] accumulated in float; dest == -1 skipped.
+template <typename T, typename W, typename O>
+Status moe_combine_cpu(const T* y, int64_t rows, int64_t hidden, const int32_t* dest,
+                       const W* weights, int64_t num_tokens, int64_t top_k, O* out) {
+  for (int64_t a = 0; a < num_tokens * top_k; ++a)
+    if (dest[a] < -1 || dest[a] >= rows) return Status::kInvalidArgument;
+#pragma omp parallel if (num_tokens * hidden > 65536)
+  {
+    std::vector<float> acc(static_cast<size_t>(hidden));
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < num_tokens; ++t) {
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t j = 0; j < top_k; ++j) {
+        const int32_t r = dest[t * top_k + j];
+        if (r < 0) continue;
+        const float w = to_float(weights[t * top_k + j]);
+        const T* row = y + static_cast<int64_t>(r) * hidden;
+        for (int64_t h = 0; h < hidden; ++h) acc[h] += w * to_float(row[h]);
+      }
+      O* o = out + t * hidden;
+      for (int64_t h = 0; h < hidden; ++h) o[h] = from_float<O>(acc[h]);
+    }
+  }
+  return Status::kOk;
+}
+
+}  // namespace disagg

@@ -1,0 +1,16 @@
+"""disagg: kernels and a reference runtime for disaggregated Mixture-of-Experts inference.
+
+``import disagg`` registers the ``torch.ops.disagg.*`` operators (CPU always, CUDA when built
+with it) and their fake kernels, and exposes the Python API.
+"""
+from ._loader import load_extension as _load_extension
+
+_load_extension()
+
+from . import _fake  # noqa: E402,F401  (register_fake for every op)
+from . import ops  # noqa: E402
+# MOE_IMPORT
+
+__version__ = "0.1.0"
+
+__all__ = ["ops", "MoERouter", "EPDispatcher", "__version__"]

@@ -1,0 +1,43 @@
+"""Fake (meta) kernels for every disagg op, so the ops trace under torch.compile."""
+from __future__ import annotations
+
+import torch
+from torch.library import register_fake
+
+# ---- MoE routing ---------------------------------------------------------------------------
+
+
+@register_fake("disagg::route")
+def _route_fake(logits, top_k, scoring="softmax", bias=None, num_groups=1, topk_groups=1,
+                group_score="max", renormalize=True, routed_scaling_factor=1.0,
+                capacity_factor=0.0, drop_policy="position", overflow="drop"):
+    torch._check(logits.dim() == 2, lambda: "disagg.route: logits must be 2-D [T, E]")
+    T, E = logits.shape
+    torch._check(1 <= top_k, lambda: f"disagg.route: top_k must be >= 1, got {top_k}")
+    w = logits.new_empty((T, top_k), dtype=torch.float32)
+    i = logits.new_empty((T, top_k), dtype=torch.int32)
+    return w, i, torch.empty_like(i), logits.new_empty((E,), dtype=torch.int32)
+
+
+@register_fake("disagg::moe_layout")
+def _moe_layout_fake(ids, num_experts, ep_size=1, capacity=0, slots=None):
+    A = ids.numel()
+    rows = num_experts * capacity if capacity > 0 else A
+    mk = lambda n: ids.new_empty((n,), dtype=torch.int32)  # noqa: E731
+    return mk(A), mk(rows), mk(num_experts + 1), mk(ep_size + 1)
+
+
+@register_fake("disagg::moe_permute")
+def _moe_permute_fake(x, src, top_k):
+    return x.new_empty((src.shape[0], x.shape[1]))
+
+
+@register_fake("disagg::moe_combine")
+def _moe_combine_fake(y, dest, weights, out_dtype=None):
+    return y.new_empty((weights.shape[0], y.shape[1]), dtype=out_dtype or y.dtype)
+
+
+# ---- Paged KV cache ------------------------------------------------------------------------
+
+
+# ---- Token trees ---------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Microbenchmarks: every op against the PyTorch composite an engine would write instead."""

@@ -1,0 +1,95 @@
+"""Timing helpers shared by the benchmark families.
+
+CPU timings use ``torch.utils.benchmark`` (median of adaptive runs); CUDA timings use CUDA
+events. Every row compares the op with a baseline measured in the same run.
+"""
+from __future__ import annotations
+
+import platform
+from typing import Callable, Optional
+
+import torch
+import torch.utils.benchmark as tbench
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    proc = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    proc = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{proc} ({torch.get_num_threads()} threads)"
+
+
+def median_time(fn: Callable[[], object], device: torch.device, min_run_time: float = 0.3) -> float:
+    """Median seconds per call of ``fn``."""
+    if device.type == "cuda":
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize(device)
+        times = []
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        reps = 0
+        total = 0.0
+        while total < min_run_time * 1000 or reps < 10:
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            t = start.elapsed_time(end)
+            times.append(t)
+            total += t
+            reps += 1
+        times.sort()
+        return times[len(times) // 2] / 1000.0
+    timer = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.adaptive_autorange(min_run_time=min_run_time).median
+
+
+def copy_time(nbytes: int, device: torch.device, min_run_time: float = 0.3) -> float:
+    """Median seconds of one plain copy of ``nbytes`` (the memory-bandwidth yardstick)."""
+    n = max(1, nbytes // 2)
+    a = torch.empty(n, dtype=torch.uint8, device=device).random_(0, 255)
+    b = torch.empty_like(a)
+    # a copy reads n and writes n bytes: nbytes in all, as for the op it is compared with
+    return median_time(lambda: b.copy_(a), device, min_run_time)
+
+
+def row(*, op: str, device: torch.device, shape: dict, dtype, median_s: float,
+        baseline: str, baseline_median_s: float, nbytes: Optional[int] = None,
+        copy_s: Optional[float] = None, **extra) -> dict:
+    """One benchmark result in the JSON row format of DESIGN.md."""
+    r = {
+        "op": op,
+        "device": device_name(device),
+        "shape": shape,
+        "dtype": str(dtype).replace("torch.", ""),
+        "median_s": median_s,
+        "bytes_per_s": (nbytes / median_s) if nbytes else None,
+        "baseline": baseline,
+        "baseline_median_s": baseline_median_s,
+        "speedup": baseline_median_s / median_s,
+        "copy_ratio": (copy_s / median_s) if (nbytes and copy_s) else None,
+    }
+    r.update(extra)
+    return r
+
+
+def format_table(rows: list[dict]) -> str:
+    head = f"{'op':<22} {'shape':<38} {'dtype':<9} {'median':>10} {'GB/s':>8} {'vs copy':>8} {'speedup':>8}  baseline"
+    out = [head, "-" * len(head)]
+    for r in rows:
+        shape = ",".join(f"{k}={v}" for k, v in r["shape"].items())
+        gbs = f"{r['bytes_per_s'] / 1e9:.2f}" if r.get("bytes_per_s") else "-"
+        cr = f"{r['copy_ratio']:.2f}x" if r.get("copy_ratio") else "-"
+        out.append(
+            f"{r['op']:<22} {shape:<38.38} {r['dtype']:<9} {r['median_s'] * 1e6:>8.1f}us {gbs:>8} "
+            f"{cr:>8} {r['speedup']:>7.2f}x  {r['baseline']}"
+        )
+    return "\n".join(out)

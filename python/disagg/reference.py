@@ -1,0 +1,162 @@
+"""Pure-PyTorch references for every disagg op: slow, obvious, and what the tests compare to."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .ops import MoELayout, RouteOutput, route_capacity
+
+# ---- MoE routing ---------------------------------------------------------------------------
+
+
+def _rank_desc(values: torch.Tensor) -> torch.Tensor:
+    """Indices sorting the last dim descending, ties to the lower index."""
+    return torch.sort(values, dim=-1, descending=True, stable=True).indices
+
+
+def route_scores(logits: torch.Tensor, scoring: str = "softmax") -> torch.Tensor:
+    """Router scores in float32 with the NaN/inf rules of ``disagg.ops.route``."""
+    x = logits.float()
+    x = torch.where(torch.isnan(x), torch.full_like(x, float("-inf")), x)
+    if scoring == "sigmoid":
+        return torch.sigmoid(x)
+    mx = x.max(dim=-1, keepdim=True).values if x.shape[-1] else x
+    pos_inf = torch.isposinf(mx)
+    all_neg = torch.isneginf(mx)
+    safe = torch.where(pos_inf | all_neg, torch.zeros_like(mx), mx)
+    e = torch.exp(torch.where(torch.isinf(x) & (pos_inf | all_neg), torch.zeros_like(x), x) - safe)
+    s = e / e.sum(dim=-1, keepdim=True)
+    inf_share = torch.isposinf(x).float()
+    inf_share = inf_share / inf_share.sum(dim=-1, keepdim=True).clamp_min(1)
+    s = torch.where(pos_inf, inf_share, s)
+    return torch.where(all_neg, torch.zeros_like(s), s)
+
+
+def _selection(scores, bias, num_groups, topk_groups, group_score):
+    sel = scores + (bias.float() if bias is not None else 0.0)
+    if num_groups > 1 and topk_groups < num_groups:
+        T, E = sel.shape
+        g = sel.view(T, num_groups, E // num_groups)
+        if group_score == "max" or g.shape[-1] < 2:
+            gs = g.max(dim=-1).values
+        else:
+            gs = torch.sort(g, dim=-1, descending=True).values[..., :2].sum(-1)
+        keep = torch.zeros(T, num_groups, dtype=torch.bool)
+        keep.scatter_(1, _rank_desc(gs)[:, :topk_groups], True)
+        sel = torch.where(keep.repeat_interleave(E // num_groups, dim=1), sel,
+                          torch.full_like(sel, float("-inf")))
+    return sel
+
+
+def route(logits: torch.Tensor, top_k: int, *, scoring="softmax", bias=None, num_groups=1,
+          topk_groups=1, group_score="max", renormalize=True, routed_scaling_factor=1.0,
+          capacity_factor=0.0, drop_policy="position", overflow="drop") -> RouteOutput:
+    """Reference for ``disagg.ops.route`` (same semantics, written for clarity)."""
+    T, E = logits.shape
+    scores = route_scores(logits, scoring)
+    sel = _selection(scores, bias, num_groups, topk_groups, group_score)
+    order = _rank_desc(sel)
+    ids = order[:, :top_k].clone()
+    w = torch.gather(scores, 1, ids)
+    denom = w.sum(dim=1, keepdim=True)
+    denom = torch.where((denom > 0) & torch.tensor(renormalize), denom, torch.ones_like(denom))
+    w = w / denom * routed_scaling_factor
+    ids = ids.to(torch.int32)
+    slots = torch.full((T, top_k), -1, dtype=torch.int32)
+    counts = torch.zeros(E, dtype=torch.int32)
+    C = route_capacity(capacity_factor, T, top_k, E)
+    flat_ids, flat_w, flat_slots = ids.view(-1), w.view(-1), slots.view(-1)
+    if C == 0:
+        for a in range(T * top_k):
+            e = int(flat_ids[a])
+            flat_slots[a] = counts[e]
+            counts[e] += 1
+        return RouteOutput(w, ids, slots, counts)
+    A = T * top_k
+    if drop_policy == "position":
+        keep = [False] * A
+        tmp = [0] * E
+        for a in range(A):
+            e = int(flat_ids[a])
+            if tmp[e] < C:
+                keep[a] = True
+                tmp[e] += 1
+        dropped = [a for a in range(A) if not keep[a]]
+    else:
+        keep = [False] * A
+        wl = flat_w.tolist()
+        for e in range(E):
+            members = [a for a in range(A) if int(flat_ids[a]) == e]
+            members.sort(key=lambda a: (-wl[a], a))
+            for a in members[:C]:
+                keep[a] = True
+        dropped = sorted((a for a in range(A) if not keep[a]), key=lambda a: (-wl[a], a))
+    for a in range(A):
+        if keep[a]:
+            e = int(flat_ids[a])
+            flat_slots[a] = counts[e]
+            counts[e] += 1
+    if overflow == "reroute":
+        for a in dropped:
+            t = a // top_k
+            held = set(int(v) for v in ids[t])
+            for e in order[t].tolist():
+                if torch.isneginf(sel[t, e]) and num_groups > 1 and topk_groups < num_groups:
+                    break
+                if counts[e] < C and e not in held:
+                    flat_ids[a] = e
+                    flat_slots[a] = counts[e]
+                    counts[e] += 1
+                    flat_w[a] = scores[t, e] / denom[t, 0] * routed_scaling_factor
+                    break
+    for a in dropped:
+        if flat_slots[a] < 0:
+            flat_ids[a] = -1
+            flat_w[a] = 0.0
+    return RouteOutput(w, ids, slots, counts)
+
+
+def moe_layout(ids: torch.Tensor, num_experts: int, *, ep_size: int = 1, capacity: int = 0,
+               slots: Optional[torch.Tensor] = None) -> MoELayout:
+    """Reference for ``disagg.ops.moe_layout``."""
+    flat = ids.reshape(-1).long()
+    A = flat.numel()
+    valid = flat >= 0
+    counts = torch.bincount(flat[valid], minlength=num_experts)
+    if capacity > 0:
+        eoff = torch.arange(num_experts + 1) * capacity
+        dest = torch.where(valid, flat * capacity + slots.reshape(-1).long(), -1)
+        rows = num_experts * capacity
+    else:
+        eoff = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+        # stable sort by expert keeps token order inside an expert
+        key = torch.where(valid, flat, num_experts)
+        order = torch.sort(key, stable=True).indices
+        dest = torch.full((A,), -1, dtype=torch.long)
+        n = int(valid.sum())
+        dest[order[:n]] = torch.arange(n)
+        rows = A
+    src = torch.full((rows,), -1, dtype=torch.long)
+    src[dest[valid]] = torch.arange(A)[valid]
+    roff = eoff[[(r * num_experts) // ep_size for r in range(ep_size + 1)]]
+    i32 = lambda t: t.to(torch.int32)  # noqa: E731
+    return MoELayout(i32(dest), i32(src), i32(eoff), i32(roff))
+
+
+def moe_permute(x: torch.Tensor, src: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Reference for ``disagg.ops.moe_permute``."""
+    s = src.long()
+    out = x[(s.clamp_min(0) // top_k)].clone()
+    out[s < 0] = 0
+    return out
+
+
+def moe_combine(y: torch.Tensor, dest: torch.Tensor, weights: torch.Tensor,
+                out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Reference for ``disagg.ops.moe_combine`` (float32 accumulation)."""
+    T, k = weights.shape
+    d = dest.reshape(T, k).long()
+    rows = y.float()[d.clamp_min(0)]  # [T, k, H]
+    w = torch.where(d >= 0, weights.float(), torch.zeros_like(weights, dtype=torch.float32))
+    return (rows * w.unsqueeze(-1)).sum(1).to(out_dtype or y.dtype)
