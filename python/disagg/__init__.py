@@ -9,7 +9,7 @@ _load_extension()
 
 from . import _fake  # noqa: E402,F401  (register_fake for every op)
 from . import ops  # noqa: E402
-# MOE_IMPORT
+from .moe import EPDispatcher, MoERouter  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -62,59 +62,62 @@ def route(logits: torch.Tensor, top_k: int, *, scoring="softmax", bias=None, num
     denom = w.sum(dim=1, keepdim=True)
     denom = torch.where((denom > 0) & torch.tensor(renormalize), denom, torch.ones_like(denom))
     w = w / denom * routed_scaling_factor
-    ids = ids.to(torch.int32)
-    slots = torch.full((T, top_k), -1, dtype=torch.int32)
-    counts = torch.zeros(E, dtype=torch.int32)
     C = route_capacity(capacity_factor, T, top_k, E)
-    flat_ids, flat_w, flat_slots = ids.view(-1), w.view(-1), slots.view(-1)
-    if C == 0:
-        for a in range(T * top_k):
-            e = int(flat_ids[a])
-            flat_slots[a] = counts[e]
-            counts[e] += 1
-        return RouteOutput(w, ids, slots, counts)
     A = T * top_k
-    if drop_policy == "position":
-        keep = [False] * A
-        tmp = [0] * E
+    # The capacity pass is sequential by nature; plain lists keep it readable and quick.
+    flat_ids = ids.reshape(-1).tolist()
+    flat_w = w.reshape(-1).tolist()
+    slots = [-1] * A
+    counts = [0] * E
+    if C == 0:
+        keep, dropped = [True] * A, []
+    elif drop_policy == "position":
+        keep, seen = [False] * A, [0] * E
         for a in range(A):
-            e = int(flat_ids[a])
-            if tmp[e] < C:
+            e = flat_ids[a]
+            if seen[e] < C:
                 keep[a] = True
-                tmp[e] += 1
+                seen[e] += 1
         dropped = [a for a in range(A) if not keep[a]]
     else:
         keep = [False] * A
-        wl = flat_w.tolist()
+        members = [[] for _ in range(E)]
+        for a in range(A):
+            members[flat_ids[a]].append(a)
         for e in range(E):
-            members = [a for a in range(A) if int(flat_ids[a]) == e]
-            members.sort(key=lambda a: (-wl[a], a))
-            for a in members[:C]:
+            for a in sorted(members[e], key=lambda a: (-flat_w[a], a))[:C]:
                 keep[a] = True
-        dropped = sorted((a for a in range(A) if not keep[a]), key=lambda a: (-wl[a], a))
+        dropped = sorted((a for a in range(A) if not keep[a]), key=lambda a: (-flat_w[a], a))
     for a in range(A):
         if keep[a]:
-            e = int(flat_ids[a])
-            flat_slots[a] = counts[e]
-            counts[e] += 1
-    if overflow == "reroute":
+            slots[a] = counts[flat_ids[a]]
+            counts[flat_ids[a]] += 1
+    if overflow == "reroute" and dropped:
+        grouped = num_groups > 1 and topk_groups < num_groups
+        order_l, sel_l, scores_l, denom_l = order.tolist(), sel.tolist(), scores.tolist(), denom.view(-1).tolist()
         for a in dropped:
             t = a // top_k
-            held = set(int(v) for v in ids[t])
-            for e in order[t].tolist():
-                if torch.isneginf(sel[t, e]) and num_groups > 1 and topk_groups < num_groups:
-                    break
+            held = set(flat_ids[t * top_k:(t + 1) * top_k])
+            for e in order_l[t]:
+                if grouped and sel_l[t][e] == float("-inf"):
+                    break  # the rest lie outside the chosen groups
                 if counts[e] < C and e not in held:
                     flat_ids[a] = e
-                    flat_slots[a] = counts[e]
+                    slots[a] = counts[e]
                     counts[e] += 1
-                    flat_w[a] = scores[t, e] / denom[t, 0] * routed_scaling_factor
+                    flat_w[a] = scores_l[t][e] / denom_l[t] * routed_scaling_factor
                     break
     for a in dropped:
-        if flat_slots[a] < 0:
+        if slots[a] < 0:
             flat_ids[a] = -1
             flat_w[a] = 0.0
-    return RouteOutput(w, ids, slots, counts)
+    shape = (T, top_k)
+    return RouteOutput(
+        torch.tensor(flat_w, dtype=torch.float32).view(shape),
+        torch.tensor(flat_ids, dtype=torch.int32).view(shape),
+        torch.tensor(slots, dtype=torch.int32).view(shape),
+        torch.tensor(counts, dtype=torch.int32),
+    )
 
 
 def moe_layout(ids: torch.Tensor, num_experts: int, *, ep_size: int = 1, capacity: int = 0,
