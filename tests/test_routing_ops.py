@@ -131,6 +131,15 @@ def test_ties_go_to_lower_index():
     assert ops.route(logits, 2).ids.tolist() == [[1, 2]]
 
 
+def test_logits_rank_past_exp_underflow():
+    # exp(-200) and exp(-300) both underflow to 0 in float32; the logits still order them
+    logits = torch.tensor([[-300.0, -200.0, 0.0]])
+    for scoring in ("softmax", "sigmoid"):
+        out = ops.route(logits, 2, scoring=scoring)
+        assert out.ids.tolist() == [[2, 1]]
+        assert_route_equal(out, ref.route(logits, 2, scoring=scoring))
+
+
 def test_nan_and_inf_rows():
     inf, nan = float("inf"), float("nan")
     logits = torch.tensor([

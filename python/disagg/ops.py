@@ -73,7 +73,9 @@ def route(
 
     Notes
     -----
-    Ties go to the lower expert index. NaN logits count as ``-inf``. Softmax over a row whose
+    Without ``bias`` and groups, experts are ranked by their logits (the order of the scores,
+    without the ties exp underflow would create); otherwise by score + bias. Ties go to the
+    lower expert index. NaN logits count as ``-inf``. Softmax over a row whose
     maximum is ``+inf`` shares 1 equally among the ``+inf`` entries; a row with no entry above
     ``-inf`` scores all zeros (its top-k are then chosen by bias and index, with weight 0).
     """

@@ -54,8 +54,13 @@ def route(logits: torch.Tensor, top_k: int, *, scoring="softmax", bias=None, num
           capacity_factor=0.0, drop_policy="position", overflow="drop") -> RouteOutput:
     """Reference for ``disagg.ops.route`` (same semantics, written for clarity)."""
     T, E = logits.shape
+    x = logits.float()
+    x = torch.where(torch.isnan(x), torch.full_like(x, float("-inf")), x)
     scores = route_scores(logits, scoring)
-    sel = _selection(scores, bias, num_groups, topk_groups, group_score)
+    grouped = num_groups > 1 and topk_groups < num_groups
+    # Without bias or groups the logits rank the experts (scores are monotone in them).
+    sel = x if (bias is None and not grouped) else _selection(scores, bias, num_groups, topk_groups,
+                                                               group_score)
     order = _rank_desc(sel)
     ids = order[:, :top_k].clone()
     w = torch.gather(scores, 1, ids)
@@ -93,7 +98,6 @@ def route(logits: torch.Tensor, top_k: int, *, scoring="softmax", bias=None, num
             slots[a] = counts[flat_ids[a]]
             counts[flat_ids[a]] += 1
     if overflow == "reroute" and dropped:
-        grouped = num_groups > 1 and topk_groups < num_groups
         order_l, sel_l, scores_l, denom_l = order.tolist(), sel.tolist(), scores.tolist(), denom.view(-1).tolist()
         for a in dropped:
             t = a // top_k
