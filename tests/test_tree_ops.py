@@ -288,7 +288,7 @@ def test_torch_compile_fullgraph():
         g = ops.tree_verify_greedy(logits, tokens, parents, num)
         r = ops.tree_verify_sample(logits, tokens, parents, num, temperature=t, top_k=k, top_p=p,
                                    seed=s, offset=o)
-        return built.depth + 1, built.mask, built.leaf_paths, g.accepted, g.bonus, r.accepted, r.bonus
+        return built.depth, built.mask, built.leaf_paths, g.accepted, g.bonus, r.accepted, r.bonus
 
     args = (logits, tokens, parents, num, per["temperature"], per["top_k"], per["top_p"], per["seed"],
             per["offset"])
