@@ -211,10 +211,20 @@ inline float row_max(const float* x, int64_t V) {
   return m;
 }
 
-// Greedy choice: the lowest token id holding the maximum (NaN ignored); 0 for an all-NaN row.
+// Greedy choice: the lowest token id holding the maximum, NaN counting as -inf (so a row with
+// nothing above -inf chooses token 0). Vectorised maxima of 512-entry blocks first, then a scalar
+// scan of the first block that holds the overall maximum: one pass plus at most 512 compares.
 inline int64_t row_argmax(const float* x, int64_t V) {
-  const float m = row_max(x, V);
-  for (int64_t v = 0; v < V; ++v)
+  constexpr int64_t kBlock = 512;
+  float m = -std::numeric_limits<float>::infinity();
+  int64_t best = -1;
+  for (int64_t b0 = 0; b0 < V; b0 += kBlock) {
+    const float bm = row_max(x + b0, std::min(kBlock, V - b0));
+    if (bm > m) { m = bm; best = b0; }
+  }
+  if (best < 0) return 0;
+  const int64_t end = std::min(best + kBlock, V);
+  for (int64_t v = best; v < end; ++v)
     if (x[v] == m) return v;
   return 0;
 }
@@ -231,9 +241,17 @@ inline float row_sum(const float* x, int64_t V) {
 }
 
 // exp(x) for x <= 0 (Cephes' single-precision polynomial, ~1 ulp), exactly 0 below -87 and
-// for -inf: masked tokens must get probability exactly 0. Branch-free so loops vectorise.
+// for -inf: masked tokens must get probability exactly 0. The clamp and the final select compare
+// the float's bits as integers (for x <= 0, a larger magnitude is a larger unsigned pattern):
+// integer selects vectorise under default flags, float comparisons that might trap do not.
 inline float exp_nonpos(float x) {
-  const float xc = x < -87.0f ? -87.0f : x;
+  constexpr uint32_t kLimit = 0xC2AE0000u;  // -87.0f
+  uint32_t ux;
+  std::memcpy(&ux, &x, sizeof(ux));
+  const uint32_t under = ux > kLimit ? 0xFFFFFFFFu : 0u;
+  const uint32_t uc = (ux & ~under) | (kLimit & under);
+  float xc;
+  std::memcpy(&xc, &uc, sizeof(xc));
   const float fn = static_cast<float>(static_cast<int32_t>(xc * 1.44269504088896341f - 0.5f));
   float r = xc - fn * 0.693359375f;
   r = r + fn * 2.12194440e-4f;
@@ -247,7 +265,13 @@ inline float exp_nonpos(float x) {
   const int32_t bits = (static_cast<int32_t>(fn) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(float));
-  return x < -87.0f ? 0.0f : y * scale;
+  const float e = y * scale;
+  uint32_t ue;
+  std::memcpy(&ue, &e, sizeof(ue));
+  ue &= ~under;
+  float out;
+  std::memcpy(&out, &ue, sizeof(out));
+  return out;
 }
 
 inline bool prob_before(const float* p, int32_t a, int32_t b) { return ranks_before(p[a], a, p[b], b); }
@@ -454,7 +478,7 @@ inline void greedy_walk(const TreeBatch& t, int64_t b, const int32_t* fc, const 
 }  // namespace detail
 
 // Greedy verification from logits. A child is accepted when its token is the target's argmax
-// (ties to the lower id, NaN ignored); among equal sibling tokens the lowest index wins.
+// (ties to the lower id, NaN counts as -inf); among equal sibling tokens the lowest index wins.
 template <typename T>
 Status tree_verify_greedy_cpu(const RowsView<T>& logits, const TreeBatch& t, const VerifyOut& o,
                               TreeError* err) {

@@ -207,7 +207,7 @@ def tree_verify_greedy(logits: torch.Tensor, tokens: torch.Tensor, parents: torc
     ----------
     logits : Tensor [B, N, V] float32/bfloat16/float16, or Tensor [B, N] int
         Target logits at every node (row ``i`` is the next-token distribution after node ``i``),
-        or the target's argmax ids. Argmax ties go to the lower token id; NaN is ignored.
+        or the target's argmax ids. Argmax ties go to the lower token id; NaN counts as -inf.
     tokens : Tensor [B, N] int
         Draft token of each node (the root's entry is not read); ``0 <= tokens < V``.
     parents, num_nodes : see :func:`tree_build`.

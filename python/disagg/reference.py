@@ -250,10 +250,10 @@ def tree_build(parents: torch.Tensor, num_nodes: Optional[torch.Tensor] = None, 
 
 
 def _argmax(row: torch.Tensor) -> int:
-    """Lowest id holding the maximum, NaN ignored; 0 for an all-NaN row."""
+    """Lowest id holding the maximum, NaN counting as -inf (nothing above -inf: token 0)."""
     x = row.float()
     x = torch.where(torch.isnan(x), torch.full_like(x, float("-inf")), x)
-    return int(torch.nonzero(x == x.max())[0]) if not torch.isnan(row.float()).all() else 0
+    return int(torch.nonzero(x == x.max())[0])
 
 
 def _greedy_walk(choice, tok, kids):

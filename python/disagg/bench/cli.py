@@ -12,6 +12,7 @@ import sys
 
 FAMILIES = {
     "routing": "disagg.bench.routing",
+    "tree": "disagg.bench.tree",
 }
 
 
