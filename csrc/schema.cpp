@@ -22,4 +22,10 @@ TORCH_LIBRARY(disagg, m) {
   // ---- Paged KV cache ----------------------------------------------------------------------
 
   // ---- Token trees (speculative decoding) --------------------------------------------------
+
+  // ---- Attention ---------------------------------------------------------------------------
+  // q [B,Hq,D], kv_cache [NB,2,bs,Hkv,D], block_tables [B,M], ctx_lens [B] -> [B,Hq,D]
+  m.def(
+      "paged_decode_attention(Tensor q, Tensor kv_cache, Tensor block_tables, Tensor ctx_lens, "
+      "float scale, int sliding_window=0) -> Tensor");
 }

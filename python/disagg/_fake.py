@@ -41,3 +41,12 @@ def _moe_combine_fake(y, dest, weights, out_dtype=None):
 
 
 # ---- Token trees ---------------------------------------------------------------------------
+
+
+# ---- Attention -----------------------------------------------------------------------------
+
+
+@register_fake("disagg::paged_decode_attention")
+def _paged_decode_attention_fake(q, kv_cache, block_tables, ctx_lens, scale, sliding_window=0):
+    torch._check(q.dim() == 3, lambda: "disagg.paged_decode_attention: q must be 3-D [B, Hq, D]")
+    return torch.empty_like(q)

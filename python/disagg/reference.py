@@ -160,3 +160,26 @@ def moe_combine(y: torch.Tensor, dest: torch.Tensor, weights: torch.Tensor,
     rows = y.float()[d.clamp_min(0)]  # [T, k, H]
     w = torch.where(d >= 0, weights.float(), torch.zeros_like(weights, dtype=torch.float32))
     return (rows * w.unsqueeze(-1)).sum(1).to(out_dtype or y.dtype)
+
+
+# ---- Attention -----------------------------------------------------------------------------
+
+
+def paged_decode_attention(q, kv_cache, block_tables, ctx_lens, scale, sliding_window=0):
+    """Gather each sequence's pages, then plain softmax attention in float32."""
+    B, Hq, D = q.shape
+    bs, Hkv = kv_cache.shape[2], kv_cache.shape[3]
+    out = torch.empty_like(q)
+    for b in range(B):
+        L = int(ctx_lens[b])
+        blocks = block_tables[b, : (L + bs - 1) // bs].long()
+        k = kv_cache[blocks, 0].reshape(-1, Hkv, D)[:L].float()
+        v = kv_cache[blocks, 1].reshape(-1, Hkv, D)[:L].float()
+        start = max(0, L - sliding_window) if sliding_window > 0 else 0
+        k, v = k[start:], v[start:]
+        G = Hq // Hkv
+        k = k.repeat_interleave(G, dim=1)  # [n, Hq, D]
+        v = v.repeat_interleave(G, dim=1)
+        s = torch.einsum("hd,nhd->hn", q[b].float() * scale, k)
+        out[b] = torch.einsum("hn,nhd->hd", s.softmax(-1), v).to(q.dtype)
+    return out

@@ -12,6 +12,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .. import ops
+
 
 @dataclass
 class PrefillChunk:
@@ -33,7 +35,6 @@ class AttentionMetadata:
     num_decode: int = 0
     decode_block_tables: Optional[torch.Tensor] = None  # [B, max_blocks] int64
     decode_ctx_lens: Optional[torch.Tensor] = None  # [B] int64 (including the new token)
-    decode_mask: Optional[torch.Tensor] = None  # [B, 1, 1, L] bool, True = attend
     prefills: list = field(default_factory=list)
     sliding_window: Optional[int] = None
 
@@ -57,15 +58,8 @@ class AttentionMetadata:
                 t = seqs[i][2]
                 n = min(len(t), max_blocks)
                 bt[i, :n] = t[:n]
-            lens = torch.tensor(ctx, dtype=torch.int64)
-            L = max_blocks * block_size
-            k_pos = torch.arange(L)
-            mask = k_pos[None, :] < lens[:, None]
-            if sliding_window is not None:
-                mask &= k_pos[None, :] > (lens[:, None] - 1 - sliding_window)
             meta.decode_block_tables = bt
-            meta.decode_ctx_lens = lens
-            meta.decode_mask = mask[:, None, None, :]
+            meta.decode_ctx_lens = torch.tensor(ctx, dtype=torch.int64)
         row = nd
         for q_len, ctx_len, table in seqs[nd:]:
             meta.prefills.append(PrefillChunk(row, q_len, ctx_len, table.to(torch.int64)))
@@ -124,12 +118,28 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: to
 
 def decode_attention(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata,
                      scale: float) -> torch.Tensor:
-    """One query token per sequence, ``q [B, Hq, D]`` -> ``[B, Hq, D]``."""
+    """One query token per sequence, ``q [B, Hq, D]`` -> ``[B, Hq, D]``.
+
+    Reads the pages in place with the ``paged_decode_attention`` op: gathering them for SDPA
+    copies the whole context every layer and step, which dominated long-context decode.
+    """
+    return ops.paged_decode_attention(q, cache, meta.decode_block_tables, meta.decode_ctx_lens,
+                                      scale, meta.sliding_window or 0)
+
+
+def decode_attention_sdpa(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata,
+                          scale: float) -> torch.Tensor:
+    """The gather + SDPA path ``decode_attention`` replaced (kept for comparison)."""
     bt = meta.decode_block_tables
     B, nblk = bt.shape
     bs, hkv, d = cache.shape[2:]
     k = cache[bt, 0].reshape(B, nblk * bs, hkv, d).transpose(1, 2)
     v = cache[bt, 1].reshape(B, nblk * bs, hkv, d).transpose(1, 2)
-    o = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=meta.decode_mask,
+    lens = meta.decode_ctx_lens
+    k_pos = torch.arange(nblk * bs)
+    mask = k_pos[None, :] < lens[:, None]
+    if meta.sliding_window is not None:
+        mask &= k_pos[None, :] > (lens[:, None] - 1 - meta.sliding_window)
+    o = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=mask[:, None, None, :],
                                        scale=scale, enable_gqa=q.shape[1] != hkv)
     return o[:, :, 0, :]
