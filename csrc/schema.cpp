@@ -20,6 +20,28 @@ TORCH_LIBRARY(disagg, m) {
   m.def("moe_combine(Tensor y, Tensor dest, Tensor weights, ScalarType? out_dtype=None) -> Tensor");
 
   // ---- Paged KV cache ----------------------------------------------------------------------
+  // caches: per-layer [num_blocks, 2, block_size, kv_heads, head_dim] (NHD) or
+  // [num_blocks, 2, kv_heads, block_size, head_dim] (HND); K at index 0 of dim 1, V at 1.
+  // A request's first num_tokens tokens, layers [layer_start, layer_end), heads
+  // [head_start, head_end) -> one uint8 buffer (64-byte header, payload, per-(block, head) scales)
+  m.def(
+      "kv_pack(Tensor[] caches, Tensor block_table, int num_tokens, int layer_start=0, "
+      "int layer_end=-1, int head_start=0, int head_end=-1, str quant='none', str layout='NHD')"
+      " -> Tensor");
+  // the same into a caller-owned buffer (registered transfer memory), out.numel() >= kv_pack_nbytes
+  m.def(
+      "kv_pack_into(Tensor[] caches, Tensor block_table, int num_tokens, Tensor(a!) out, "
+      "int layer_start=0, int layer_end=-1, int head_start=0, int head_end=-1, str quant='none', "
+      "str layout='NHD') -> ()");
+  // buffer -> caches[layer_start:], heads [head_start, head_start + heads) through block_table;
+  // any destination block size, kv_heads, dtype and layout
+  m.def(
+      "kv_unpack(Tensor buffer, Tensor(a!)[] caches, Tensor block_table, int layer_start=0, "
+      "int head_start=0, str layout='NHD') -> ()");
+  // in place, all layers: position dst_start + i <- position src_positions[i] (overlap-safe)
+  m.def(
+      "kv_compact(Tensor(a!)[] caches, Tensor block_table, Tensor src_positions, int dst_start, "
+      "str layout='NHD') -> ()");
 
   // ---- Token trees (speculative decoding) --------------------------------------------------
 

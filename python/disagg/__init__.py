@@ -9,8 +9,9 @@ _load_extension()
 
 from . import _fake  # noqa: E402,F401  (register_fake for every op)
 from . import ops  # noqa: E402
+from .kv import OutOfBlocksError, PagedKVCache  # noqa: E402
 # MOE_IMPORT
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "MoERouter", "EPDispatcher", "__version__"]
+__all__ = ["ops", "MoERouter", "EPDispatcher", "PagedKVCache", "OutOfBlocksError", "__version__"]

@@ -40,6 +40,43 @@ def _moe_combine_fake(y, dest, weights, out_dtype=None):
 # ---- Paged KV cache ------------------------------------------------------------------------
 
 
+def _kv_geometry(caches, layout):
+    c0 = caches[0]
+    torch._check(c0.dim() == 5, lambda: "disagg.kv: caches must be 5-D")
+    if layout == "HND":
+        return c0.shape[3], c0.shape[2], c0.shape[4]  # block_size, heads, head_dim
+    return c0.shape[2], c0.shape[3], c0.shape[4]
+
+
+@register_fake("disagg::kv_pack")
+def _kv_pack_fake(caches, block_table, num_tokens, layer_start=0, layer_end=-1, head_start=0,
+                  head_end=-1, quant="none", layout="NHD"):
+    from .ops import kv_pack_nbytes
+
+    bs, heads, dim = _kv_geometry(caches, layout)
+    nl = (len(caches) if layer_end < 0 else layer_end) - layer_start
+    nh = (heads if head_end < 0 else head_end) - head_start
+    n = kv_pack_nbytes(nl, num_tokens, nh, dim, caches[0].dtype, quant, bs)
+    return caches[0].new_empty((n,), dtype=torch.uint8)
+
+
+@register_fake("disagg::kv_pack_into")
+def _kv_pack_into_fake(caches, block_table, num_tokens, out, layer_start=0, layer_end=-1,
+                       head_start=0, head_end=-1, quant="none", layout="NHD"):
+    return None
+
+
+@register_fake("disagg::kv_unpack")
+def _kv_unpack_fake(buffer, caches, block_table, layer_start=0, head_start=0, layout="NHD"):
+    return None
+
+
+@register_fake("disagg::kv_compact")
+def _kv_compact_fake(caches, block_table, src_positions, dst_start, layout="NHD"):
+    return None
+
+
+
 # ---- Token trees ---------------------------------------------------------------------------
 
 

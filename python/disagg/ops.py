@@ -135,6 +135,167 @@ def moe_combine(
     return _ops.moe_combine(y, dest.reshape(-1), weights, out_dtype)
 
 
+# ---- Paged KV cache ------------------------------------------------------------------------
+
+KV_QUANTS = ("none", "int8", "fp8_e4m3")
+_KV_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # header dtype codes 0, 1, 2
+_KV_MAGIC = 0x564B4744  # "DGKV"
+_KV_HEADER = "<IHHBBBBiiiiiiiqqq"  # see include/disagg/kv.h, struct BufferHeader (64 bytes)
+KV_HEADER_BYTES = 64
+
+
+class KVBufferInfo(NamedTuple):
+    """What a ``kv_pack`` buffer's header says about it."""
+
+    dtype: torch.dtype  # the sender's cache dtype
+    quant: str  # "none", "int8" or "fp8_e4m3"
+    num_layers: int
+    num_tokens: int
+    num_heads: int  # heads in the buffer (the packed slice)
+    head_dim: int
+    scale_group: int  # tokens per scale (the sender's block size) when quantized, else 0
+    layer_start: int  # the sender's first packed layer
+    head_start: int  # the sender's first packed head
+    nbytes: int  # the buffer's total size
+
+
+def kv_pack_nbytes(num_layers: int, num_tokens: int, num_heads: int, head_dim: int,
+                   dtype: torch.dtype, quant: str = "none", block_size: int = 1) -> int:
+    """Size in bytes of the buffer ``kv_pack`` produces for this geometry (header + payload +
+    16-byte-aligned float32 scales, one per (layer, K/V, block, head) when quantized)."""
+    elem = dtype.itemsize if quant == "none" else 1
+    payload = num_layers * 2 * num_tokens * num_heads * head_dim * elem
+    scales_at = (KV_HEADER_BYTES + payload + 15) // 16 * 16
+    groups = 0 if quant == "none" else -(-num_tokens // block_size)
+    return scales_at + num_layers * 2 * groups * num_heads * 4
+
+
+def kv_buffer_info(buffer: torch.Tensor) -> KVBufferInfo:
+    """Read the header of a ``kv_pack`` buffer (the op checks it in full when unpacking)."""
+    import struct
+
+    if buffer.dtype != torch.uint8 or buffer.dim() != 1 or buffer.numel() < KV_HEADER_BYTES:
+        raise ValueError("disagg.kv_buffer_info: buffer must be a 1-D uint8 tensor from kv_pack "
+                         f"(at least {KV_HEADER_BYTES} bytes), got {buffer.dtype} {tuple(buffer.shape)}")
+    raw = bytes(buffer[:KV_HEADER_BYTES].cpu().tolist())
+    (magic, version, _hb, dt, q, _eb, _r, layers, tokens, heads, dim, group, l0, h0, _po, _so,
+     total) = struct.unpack(_KV_HEADER, raw)
+    if magic != _KV_MAGIC:
+        raise ValueError("disagg.kv_buffer_info: buffer does not start with the kv_pack magic")
+    if version != 1 or dt > 2 or q > 2:
+        raise ValueError(f"disagg.kv_buffer_info: unsupported buffer (version {version}, dtype "
+                         f"code {dt}, quant code {q})")
+    return KVBufferInfo(_KV_DTYPES[dt], KV_QUANTS[q], layers, tokens, heads, dim, group, l0, h0,
+                        total)
+
+
+def kv_pack(
+    caches: list,
+    block_table: torch.Tensor,
+    num_tokens: int,
+    *,
+    layer_start: int = 0,
+    layer_end: int = -1,
+    head_start: int = 0,
+    head_end: int = -1,
+    quant: str = "none",
+    layout: str = "NHD",
+) -> torch.Tensor:
+    """Pack one request's KV cache into one contiguous, self-describing uint8 buffer.
+
+    Parameters
+    ----------
+    caches : list of Tensor
+        Per-layer paged caches, all the same shape and dtype (float32, bfloat16 or float16):
+        ``[num_blocks, 2, block_size, kv_heads, head_dim]`` for ``layout="NHD"`` or
+        ``[num_blocks, 2, kv_heads, block_size, head_dim]`` for ``"HND"``; K at index 0 of dim 1.
+    block_table : Tensor [n] int32 or int64
+        The request's blocks in token order; the first ``ceil(num_tokens / block_size)`` are read
+        (the last one possibly partly).
+    num_tokens : int
+    layer_start, layer_end : int
+        Layers ``[layer_start, layer_end)`` of ``caches`` (``-1``: to the end), so a prefill
+        worker can ship layers while later ones are still being computed.
+    head_start, head_end : int
+        KV heads ``[head_start, head_end)`` (``-1``: to the end), for a receiver with another
+        tensor-parallel degree.
+    quant : {"none", "int8", "fp8_e4m3"}
+        Symmetric quantization with one float32 scale per (layer, K/V, block, head), carried in
+        the buffer: int8 ``|err| <= amax / 254``; fp8 e4m3 ``|err| <= max(|x| / 16,
+        amax / 448 * 2**-10)`` (amax over the block's tokens of that head). Needs finite values.
+
+    Returns
+    -------
+    Tensor [kv_pack_nbytes(...)] uint8
+        64-byte header, payload ``[layer][K/V][token][head][dim]``, then the scales.
+    """
+    return _ops.kv_pack(caches, block_table, num_tokens, layer_start, layer_end, head_start,
+                        head_end, quant, layout)
+
+
+def kv_pack_into(
+    caches: list,
+    block_table: torch.Tensor,
+    num_tokens: int,
+    out: torch.Tensor,
+    *,
+    layer_start: int = 0,
+    layer_end: int = -1,
+    head_start: int = 0,
+    head_end: int = -1,
+    quant: str = "none",
+    layout: str = "NHD",
+) -> int:
+    """``kv_pack`` into a caller-owned uint8 buffer (e.g. memory registered with a transfer
+    engine); returns the number of bytes written (``out`` may be larger)."""
+    _ops.kv_pack_into(caches, block_table, num_tokens, out, layer_start, layer_end, head_start,
+                      head_end, quant, layout)
+    L = len(caches)
+    nl = (L if layer_end < 0 else layer_end) - layer_start
+    c0 = caches[0]
+    heads = c0.shape[3] if layout == "NHD" else c0.shape[2]
+    bs = c0.shape[2] if layout == "NHD" else c0.shape[3]
+    nh = (heads if head_end < 0 else head_end) - head_start
+    return kv_pack_nbytes(nl, num_tokens, nh, c0.shape[4], c0.dtype, quant, bs)
+
+
+def kv_unpack(
+    buffer: torch.Tensor,
+    caches: list,
+    block_table: torch.Tensor,
+    *,
+    layer_start: int = 0,
+    head_start: int = 0,
+    layout: str = "NHD",
+) -> None:
+    """Scatter a ``kv_pack`` buffer into paged caches, in place.
+
+    The destination may differ from the sender in block size (either way), KV head count (the
+    buffer's heads land at ``[head_start, head_start + heads)``), dtype (converted with
+    round-to-nearest-even; quantized payloads are dequantized) and layout (``"NHD"`` or
+    ``"HND"``). The buffer's layer ``i`` goes to ``caches[layer_start + i]``; its tokens fill
+    the first ``ceil(num_tokens / block_size)`` blocks of ``block_table``. Without quantization
+    and with the sender's dtype the round trip is bit-exact.
+    """
+    _ops.kv_unpack(buffer, caches, block_table, layer_start, head_start, layout)
+
+
+def kv_compact(
+    caches: list,
+    block_table: torch.Tensor,
+    src_positions: torch.Tensor,
+    dst_start: int,
+    *,
+    layout: str = "NHD",
+) -> None:
+    """Move token positions ``src_positions[i]`` to ``dst_start + i`` in every layer (K and V),
+    in place: after speculative verification, the accepted tree nodes become consecutive.
+
+    Positions index the request's tokens through ``block_table``. Any overlap of sources and
+    destinations is handled (every source is read before it is overwritten); duplicates in
+    ``src_positions`` are allowed.
+    """
+    _ops.kv_compact(caches, block_table, src_positions, dst_start, layout)
 # ---- Attention -----------------------------------------------------------------------------
 
 

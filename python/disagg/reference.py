@@ -162,6 +162,113 @@ def moe_combine(y: torch.Tensor, dest: torch.Tensor, weights: torch.Tensor,
     return (rows * w.unsqueeze(-1)).sum(1).to(out_dtype or y.dtype)
 
 
+# ---- Paged KV cache ------------------------------------------------------------------------
+
+_KV_QMAX = {"int8": 127.0, "fp8_e4m3": 448.0}
+
+
+def _kv_nhd(cache: torch.Tensor, layout: str) -> torch.Tensor:
+    """An NHD view ``[blocks, 2, block_size, heads, dim]`` of a cache in either layout."""
+    return cache.transpose(2, 3) if layout == "HND" else cache
+
+
+def kv_pack(caches, block_table, num_tokens, *, layer_start=0, layer_end=-1, head_start=0,
+            head_end=-1, quant="none", layout="NHD") -> torch.Tensor:
+    """Reference of ``disagg.ops.kv_pack``: gather blocks, slice, quantize, serialise."""
+    import struct
+
+    from .ops import _KV_DTYPES, _KV_HEADER, _KV_MAGIC, KV_QUANTS, kv_pack_nbytes
+
+    layer_end = len(caches) if layer_end < 0 else layer_end
+    views = [_kv_nhd(c, layout) for c in caches[layer_start:layer_end]]
+    c0 = _kv_nhd(caches[0], layout)
+    _, _, bs, H, D = c0.shape
+    head_end = H if head_end < 0 else head_end
+    L, Hc, T = layer_end - layer_start, head_end - head_start, num_tokens
+    nblk = -(-T // bs)
+    table = block_table[:nblk].long()
+    # [L, 2, nblk * bs, Hc, D]: tokens in block-table order, the tail of the last block dropped
+    x = torch.stack([v[table].transpose(0, 1).reshape(2, nblk * bs, H, D) for v in views]) \
+        if L else c0.new_empty((0, 2, nblk * bs, H, D))
+    x = x[:, :, :, head_start:head_end]
+    total = kv_pack_nbytes(L, T, Hc, D, c0.dtype, quant, bs)
+    out = torch.zeros(total, dtype=torch.uint8)
+    hdr = struct.pack(_KV_HEADER, _KV_MAGIC, 1, 64, _KV_DTYPES.index(c0.dtype),
+                      KV_QUANTS.index(quant), c0.dtype.itemsize if quant == "none" else 1, 0,
+                      L, T, Hc, D, 0 if quant == "none" else bs, layer_start, head_start, 64,
+                      (64 + L * 2 * T * Hc * D * (c0.dtype.itemsize if quant == "none" else 1)
+                       + 15) // 16 * 16, total)
+    out[:64] = torch.frombuffer(bytearray(hdr), dtype=torch.uint8)
+    if quant == "none":
+        payload = x[:, :, :T].contiguous().view(torch.uint8).reshape(-1)
+        out[64:64 + payload.numel()] = payload
+        return out
+    qmax = _KV_QMAX[quant]
+    g = x.float()
+    g[:, :, T:] = 0  # the last block's unused slots take no part in its scale
+    g = g.reshape(L, 2, nblk, bs, Hc, D)
+    amax = g.abs().amax(dim=(3, 5))  # [L, 2, nblk, Hc]
+    if not torch.isfinite(amax).all():
+        raise ValueError("disagg.kv_pack: caches hold inf or NaN; quantized packing needs finite values")
+    pos = amax > 0
+    # tensor / tensor is a true IEEE division; `qmax / amax` would be reciprocal-then-multiply
+    q_t = torch.full_like(amax, qmax)
+    scale = torch.where(pos, amax / q_t, torch.zeros_like(amax))
+    inv = torch.where(pos, q_t / amax, torch.zeros_like(amax))
+    y = g * inv[:, :, :, None, :, None]
+    if quant == "int8":
+        q = torch.round(y).clamp(-127, 127).to(torch.int8).view(torch.uint8)
+    else:
+        q = y.to(torch.float8_e4m3fn).view(torch.uint8)
+    q = q.reshape(L, 2, nblk * bs, Hc, D)[:, :, :T].reshape(-1)
+    out[64:64 + q.numel()] = q
+    s = scale.contiguous().view(torch.uint8).reshape(-1)
+    start = (64 + q.numel() + 15) // 16 * 16
+    out[start:start + s.numel()] = s
+    return out
+
+
+def kv_unpack(buffer, caches, block_table, *, layer_start=0, head_start=0, layout="NHD") -> None:
+    """Reference of ``disagg.ops.kv_unpack``: parse, dequantize, convert, scatter."""
+    from .ops import kv_buffer_info
+
+    info = kv_buffer_info(buffer)
+    L, T, Hc, D = info.num_layers, info.num_tokens, info.num_heads, info.head_dim
+    n = L * 2 * T * Hc * D
+    if info.quant == "none":
+        nbytes = n * info.dtype.itemsize
+        x = buffer[64:64 + nbytes].clone().view(info.dtype).reshape(L, 2, T, Hc, D).float()
+    else:
+        q = buffer[64:64 + n].clone()
+        xq = (q.view(torch.int8) if info.quant == "int8" else q.view(torch.float8_e4m3fn)).float()
+        xq = xq.reshape(L, 2, T, Hc, D)
+        ng = -(-T // info.scale_group)
+        s0 = (64 + n + 15) // 16 * 16
+        scale = buffer[s0:s0 + L * 2 * ng * Hc * 4].clone().view(torch.float32).reshape(L, 2, ng, Hc)
+        tok_scale = scale[:, :, torch.arange(T) // info.scale_group]  # [L, 2, T, Hc]
+        x = xq * tok_scale[..., None]
+    bs = _kv_nhd(caches[0], layout).shape[2]
+    pos = torch.arange(T)
+    blk = block_table[: -(-T // bs)].long()[pos // bs]
+    off = pos % bs
+    for i in range(L):
+        v = _kv_nhd(caches[layer_start + i], layout)
+        v[blk, :, off, head_start:head_start + Hc] = x[i].transpose(0, 1).to(v.dtype)
+
+
+def kv_compact(caches, block_table, src_positions, dst_start, *, layout="NHD") -> None:
+    """Reference of ``disagg.ops.kv_compact``: gather every source first, then scatter."""
+    src = src_positions.long()
+    n = src.numel()
+    if n == 0:
+        return
+    bs = _kv_nhd(caches[0], layout).shape[2]
+    table = block_table.long()
+    dst = torch.arange(dst_start, dst_start + n)
+    for c in caches:
+        v = _kv_nhd(c, layout)
+        vals = v[table[src // bs], :, src % bs].clone()  # [n, 2, H, D]
+        v[table[dst // bs], :, dst % bs] = vals
 # ---- Attention -----------------------------------------------------------------------------
 
 

@@ -12,6 +12,7 @@ import sys
 
 FAMILIES = {
     "routing": "disagg.bench.routing",
+    "kv": "disagg.bench.kv",
 }
 
 
