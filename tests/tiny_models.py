@@ -69,6 +69,8 @@ def make_checkpoint(family: str, path: str, seed: int = 0, dtype=torch.float32, 
                 p.normal_(0, 0.1)
             elif "norm" in name:
                 p.uniform_(0.8, 1.2)
+            elif name == "lm_head.weight":
+                p.mul_(4.0)  # wider logit gaps: no near-ties between the top two tokens
     os.makedirs(path, exist_ok=True)
     model.save_pretrained(path)
     byte_tokenizer().save(os.path.join(path, "tokenizer.json"))
