@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from tiny_models import make_checkpoint
+from disagg.model.tiny import make_checkpoint
 
 from disagg import LLM, SamplingParams
 from disagg.engine import Engine

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from tiny_models import make_checkpoint
+from disagg.model.tiny import make_checkpoint
 
 from disagg import LLM, SamplingParams
 from disagg.kv import PagedKVCache
@@ -97,7 +97,7 @@ def test_sharded_checkpoint_and_bf16(tmp_path):
     assert os.path.isfile(tmp_path / "sharded" / "model.safetensors.index.json")
     a = CausalLM.from_pretrained(str(tmp_path / "one"), dtype="float32")
     b = CausalLM.from_pretrained(str(tmp_path / "sharded"), dtype="float32")
-    assert torch.equal(a.layers[1].mlp.gate_up, b.layers[1].mlp.gate_up)
+    assert torch.equal(a.layers[1].mlp.w13, b.layers[1].mlp.w13)
     assert tf is not None
     c = CausalLM.from_pretrained(str(tmp_path / "one"), dtype="bfloat16")
     assert c.layers[0].w["qkv"].dtype == torch.bfloat16

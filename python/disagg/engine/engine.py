@@ -235,14 +235,18 @@ class Engine:
         # Decode rows first: AttentionMetadata batches them in one attention call.
         sched.sort(key=lambda s: s.num_new != 1)
         ids, pos, slots, seqs, rows, sampled = [], [], [], [], [], []
+        bs = self.block_size
         row = 0
         for s in sched:
-            rid = s.req.request_id
             end = s.start + s.num_new
+            blocks = self.kv.block_ids(s.req.request_id)
             ids.extend(self._new_tokens(s))
-            pos.extend(range(s.start, end))
-            slots.append(self.kv.slot_mapping(rid, s.start, end))
-            seqs.append((s.num_new, end, self.kv.block_table(rid)))
+            # Slots and block tables from plain lists: per-request tensor ops here cost more
+            # than the model's own work at small batch sizes.
+            for p in range(s.start, end):
+                pos.append(p)
+                slots.append(blocks[p // bs] * bs + p % bs)
+            seqs.append((s.num_new, end, blocks))
             row += s.num_new
             if s.samples:
                 rows.append(row - 1)
@@ -253,7 +257,7 @@ class Engine:
                 self.stats["prefill_tokens"] += s.num_new
         self.stats["steps"] += 1
         try:
-            meta = AttentionMetadata.build(seqs, self.block_size, torch.cat(slots).long(),
+            meta = AttentionMetadata.build(seqs, bs, torch.tensor(slots, dtype=torch.long),
                                            self.model.config.sliding_window)
             logits = self.model.forward(torch.tensor(ids, dtype=torch.long),
                                         torch.tensor(pos, dtype=torch.long), meta,

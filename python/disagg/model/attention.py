@@ -39,11 +39,11 @@ class AttentionMetadata:
     sliding_window: Optional[int] = None
 
     @classmethod
-    def build(cls, seqs: Sequence[tuple[int, int, torch.Tensor]], block_size: int,
-              slot_mapping: torch.Tensor, sliding_window: Optional[int] = None
-              ) -> "AttentionMetadata":
-        """From ``(q_len, ctx_len, block_table)`` per sequence, in row order: all sequences
-        with ``q_len == 1`` must come first (they are batched as decode)."""
+    def build(cls, seqs: Sequence[tuple], block_size: int, slot_mapping: torch.Tensor,
+              sliding_window: Optional[int] = None) -> "AttentionMetadata":
+        """From ``(q_len, ctx_len, block_table)`` per sequence, in row order, where
+        ``block_table`` is a list or tensor of block ids; all sequences with ``q_len == 1``
+        must come first (they are batched as decode)."""
         meta = cls(slot_mapping=slot_mapping, block_size=block_size,
                    sliding_window=sliding_window)
         nd = 0
@@ -53,16 +53,17 @@ class AttentionMetadata:
         if nd:
             ctx = [s[1] for s in seqs[:nd]]
             max_blocks = max((c + block_size - 1) // block_size for c in ctx)
-            bt = torch.zeros((nd, max_blocks), dtype=torch.int64)
-            for i in range(nd):
-                t = seqs[i][2]
-                n = min(len(t), max_blocks)
-                bt[i, :n] = t[:n]
-            meta.decode_block_tables = bt
+            table = []
+            for _, _, t in seqs[:nd]:
+                t = t.tolist() if isinstance(t, torch.Tensor) else list(t)
+                t = t[:max_blocks]
+                table.append(t + [0] * (max_blocks - len(t)))
+            meta.decode_block_tables = torch.tensor(table, dtype=torch.int64)
             meta.decode_ctx_lens = torch.tensor(ctx, dtype=torch.int64)
         row = nd
         for q_len, ctx_len, table in seqs[nd:]:
-            meta.prefills.append(PrefillChunk(row, q_len, ctx_len, table.to(torch.int64)))
+            table = torch.as_tensor(table, dtype=torch.int64)
+            meta.prefills.append(PrefillChunk(row, q_len, ctx_len, table))
             row += q_len
         return meta
 

@@ -22,6 +22,9 @@ _DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.b
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """HF's RMSNorm: normalise in float32, cast back, then scale."""
+    if x.dtype == torch.float32:
+        # The fused op computes exactly this in float32, in one call instead of six.
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
@@ -48,19 +51,27 @@ class DenseMLP:
 
 
 class MoE:
-    """Routed experts: ``route`` -> ``moe_layout`` -> ``moe_permute`` -> one matmul pair per
-    expert over its row segment -> ``moe_combine``; plus Qwen2-MoE's gated shared expert.
+    """Routed experts: ``route`` -> ``moe_layout`` -> ``moe_permute`` -> expert matmuls ->
+    ``moe_combine``; plus Qwen2-MoE's gated shared expert.
+
+    The expert matmuls run one of two ways over the same ops' layouts: for small batches
+    (decode) the padded ``[E, capacity, H]`` layout and one batched matmul pair for all experts,
+    since a Python loop over experts costs more than the padding; for large batches (prefill)
+    the compact layout and one matmul pair per expert over its ``expert_offsets`` segment.
 
     Parameters
     ----------
     gate : Tensor [E, H]
         Router weight.
     gate_up : Tensor [E, 2I, H]; down : Tensor [E, H, I]
+        As stored by HF; kept transposed (``[E, H, 2I]``, ``[E, I, H]``) for the matmuls.
     """
 
     def __init__(self, gate, gate_up, down, top_k: int, renormalize: bool, act,
                  shared: Optional[DenseMLP] = None, shared_gate: Optional[torch.Tensor] = None):
-        self.gate, self.gate_up, self.down = gate, gate_up, down
+        self.gate = gate
+        self.w13 = gate_up.transpose(1, 2).contiguous()
+        self.w2 = down.transpose(1, 2).contiguous()
         self.num_experts = gate.shape[0]
         self.inter = down.shape[2]
         self.top_k, self.renormalize, self.act = top_k, renormalize, act
@@ -69,17 +80,25 @@ class MoE:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         logits = F.linear(x, self.gate)
         r = ops.route(logits, self.top_k, renormalize=self.renormalize)
-        lay = ops.moe_layout(r.ids, self.num_experts)
-        xp = ops.moe_permute(x, lay.src, self.top_k)
-        y = torch.empty_like(xp)
-        offs = lay.expert_offsets.tolist()
-        I = self.inter
-        for e in range(self.num_experts):
-            s, t = offs[e], offs[e + 1]
-            if t == s:
-                continue
-            h = F.linear(xp[s:t], self.gate_up[e])
-            torch.mm(self.act(h[:, :I]) * h[:, I:], self.down[e].t(), out=y[s:t])
+        E, I, k = self.num_experts, self.inter, self.top_k
+        rows = x.shape[0] * k
+        cap = int(r.counts.max())
+        if E * cap <= 2 * rows:
+            lay = ops.moe_layout(r.ids, E, capacity=cap, slots=r.slots)
+            xp = ops.moe_permute(x, lay.src, k).view(E, cap, -1)
+            h = torch.bmm(xp, self.w13)
+            y = torch.bmm(self.act(h[..., :I]) * h[..., I:], self.w2).view(E * cap, -1)
+        else:
+            lay = ops.moe_layout(r.ids, E)
+            xp = ops.moe_permute(x, lay.src, k)
+            y = torch.empty_like(xp)
+            offs = lay.expert_offsets.tolist()
+            for e in range(E):
+                s, t = offs[e], offs[e + 1]
+                if t == s:
+                    continue
+                h = torch.mm(xp[s:t], self.w13[e])
+                torch.mm(self.act(h[:, :I]) * h[:, I:], self.w2[e], out=y[s:t])
         out = ops.moe_combine(y, lay.dest, r.weights, out_dtype=x.dtype)
         if self.shared is not None:
             out = out + torch.sigmoid(F.linear(x, self.shared_gate)) * self.shared(x)
@@ -102,14 +121,17 @@ class DecoderLayer:
         x = rms_norm(h, w["input_norm"], eps)
         qkv = F.linear(x, w["qkv"], w.get("qkv_bias"))
         N = qkv.shape[0]
-        q = qkv[:, :self.q_size].view(N, self.nh, self.hd)
-        k = qkv[:, self.q_size:self.q_size + self.kv_size].view(N, self.nkv, self.hd)
-        v = qkv[:, self.q_size + self.kv_size:].reshape(N, self.nkv, self.hd)
+        qs, ks = self.q_size, self.kv_size
+        v = qkv[:, qs + ks:].reshape(N, self.nkv, self.hd)
         if "q_norm" in w:
-            q = rms_norm(q, w["q_norm"], eps)
-            k = rms_norm(k, w["k_norm"], eps)
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
+            q = rms_norm(qkv[:, :qs].reshape(N, self.nh, self.hd), w["q_norm"], eps)
+            k = rms_norm(qkv[:, qs:qs + ks].reshape(N, self.nkv, self.hd), w["k_norm"], eps)
+            qk = torch.cat((q, k), 1)
+        else:
+            qk = qkv[:, :qs + ks].view(N, self.nh + self.nkv, self.hd)
+        # q and k heads rotate together: one RoPE call per layer instead of two.
+        qk = apply_rope(qk, cos, sin)
+        q, k = qk[:, :self.nh], qk[:, self.nh:]
         a = paged_attention(q, k, v, cache, meta, self.scale)
         h = h + F.linear(a.reshape(N, self.q_size), w["o"], w.get("o_bias"))
         return h + self.mlp(rms_norm(h, w["post_norm"], eps))

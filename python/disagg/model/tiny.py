@@ -1,4 +1,5 @@
-"""Tiny random HF checkpoints of every supported family, for parity tests and benchmarks."""
+"""Tiny random HF checkpoints of every supported family, for parity tests, benchmarks and
+examples (needs `transformers` and `tokenizers`)."""
 from __future__ import annotations
 
 import os
