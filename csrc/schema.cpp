@@ -61,4 +61,11 @@ TORCH_LIBRARY(disagg, m) {
       "tree_verify_sample(Tensor logits, Tensor tokens, Tensor parents, Tensor num_nodes, "
       "Tensor temperature, Tensor top_k, Tensor top_p, Tensor seed, Tensor offset, "
       "Tensor? draft_probs=None) -> (Tensor, Tensor, Tensor)");
+
+
+  // ---- Attention ---------------------------------------------------------------------------
+  // q [B,Hq,D], kv_cache [NB,2,bs,Hkv,D], block_tables [B,M], ctx_lens [B] -> [B,Hq,D]
+  m.def(
+      "paged_decode_attention(Tensor q, Tensor kv_cache, Tensor block_tables, Tensor ctx_lens, "
+      "float scale, int sliding_window=0) -> Tensor");
 }

@@ -108,3 +108,11 @@ def _tree_verify_greedy_fake(logits, tokens, parents, num_nodes):
 def _tree_verify_sample_fake(logits, tokens, parents, num_nodes, temperature, top_k, top_p, seed,
                              offset, draft_probs=None):
     return _tree_verify_outputs(parents)
+
+# ---- Attention -----------------------------------------------------------------------------
+
+
+@register_fake("disagg::paged_decode_attention")
+def _paged_decode_attention_fake(q, kv_cache, block_tables, ctx_lens, scale, sliding_window=0):
+    torch._check(q.dim() == 3, lambda: "disagg.paged_decode_attention: q must be 3-D [B, Hq, D]")
+    return torch.empty_like(q)

@@ -443,3 +443,37 @@ def tree_verify_sample(logits: torch.Tensor, tokens: torch.Tensor, parents: torc
         _per_request(temperature, B, torch.float32, dev), _per_request(top_k, B, torch.int64, dev),
         _per_request(top_p, B, torch.float32, dev), _per_request(seed, B, torch.int64, dev),
         _per_request(offset, B, torch.int64, dev), draft_probs))
+
+# ---- Attention -----------------------------------------------------------------------------
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    ctx_lens: torch.Tensor,
+    scale: float,
+    sliding_window: int = 0,
+) -> torch.Tensor:
+    """Decode attention straight from a paged KV cache (no gather of the pages).
+
+    Parameters
+    ----------
+    q : Tensor [B, Hq, D]
+        One query token per sequence (float32, bfloat16 or float16).
+    kv_cache : Tensor [num_blocks, 2, block_size, Hkv, D]
+        One layer of a ``PagedKVCache`` (``[:, 0]`` keys, ``[:, 1]`` values), q's dtype.
+    block_tables : Tensor [B, max_blocks] int32 or int64
+        Each sequence's blocks in order; entries past its length are not read.
+    ctx_lens : Tensor [B], block_tables' dtype
+        Keys per sequence (including the current token), in ``[1, max_blocks*block_size]``.
+    scale : float
+        Softmax scale, usually ``D ** -0.5``.
+    sliding_window : int
+        If > 0, attend to the last ``sliding_window`` keys only.
+
+    Returns
+    -------
+    Tensor [B, Hq, D] in q's dtype; query head ``h`` uses KV head ``h // (Hq // Hkv)``.
+    """
+    return _ops.paged_decode_attention(q, kv_cache, block_tables, ctx_lens, scale, sliding_window)

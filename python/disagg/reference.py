@@ -505,3 +505,25 @@ def tree_verify_sample(logits: torch.Tensor, tokens: torch.Tensor, parents: torc
             path.append(nxt)
             cur = nxt
     return _pack_verify(results, B, N)
+
+# ---- Attention -----------------------------------------------------------------------------
+
+
+def paged_decode_attention(q, kv_cache, block_tables, ctx_lens, scale, sliding_window=0):
+    """Gather each sequence's pages, then plain softmax attention in float32."""
+    B, Hq, D = q.shape
+    bs, Hkv = kv_cache.shape[2], kv_cache.shape[3]
+    out = torch.empty_like(q)
+    for b in range(B):
+        L = int(ctx_lens[b])
+        blocks = block_tables[b, : (L + bs - 1) // bs].long()
+        k = kv_cache[blocks, 0].reshape(-1, Hkv, D)[:L].float()
+        v = kv_cache[blocks, 1].reshape(-1, Hkv, D)[:L].float()
+        start = max(0, L - sliding_window) if sliding_window > 0 else 0
+        k, v = k[start:], v[start:]
+        G = Hq // Hkv
+        k = k.repeat_interleave(G, dim=1)  # [n, Hq, D]
+        v = v.repeat_interleave(G, dim=1)
+        s = torch.einsum("hd,nhd->hn", q[b].float() * scale, k)
+        out[b] = torch.einsum("hn,nhd->hd", s.softmax(-1), v).to(q.dtype)
+    return out
