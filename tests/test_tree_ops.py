@@ -358,3 +358,20 @@ def test_bad_arguments():
         ops.tree_verify_sample(logits, tokens, parents, num, temperature=torch.ones(3))
     with pytest.raises(ValueError, match="draft_probs must have the vocabulary"):
         ops.tree_verify_sample(logits, tokens, parents, num, draft_probs=logits[..., :5])
+
+
+@pytest.mark.parametrize("top_k,top_p", [(4, 1.0), (0, 0.6), (4, 0.7), (1, 1.0), (0, 0.05), (20, 0.999)])
+def test_filtered_support_with_ties(top_k, top_p):
+    """Leaf-only trees: the bonus is a plain sample of the filtered target. Its support must be
+    exactly the reference's (ties resolved to the lower id in both top-k and top-p)."""
+    B, V = 3000, 10
+    row = torch.tensor([3.0, 3.0, 2.0, 2.0, 2.0, 1.0, 0.0, 0.0, -1.0, float("-inf")])
+    logits = row.expand(B, 1, V).contiguous()
+    parents = torch.full((B, 1), -1)
+    tokens = torch.zeros(B, 1, dtype=torch.int64)
+    out = ops.tree_verify_sample(logits, tokens, parents, top_k=top_k, top_p=top_p,
+                                 seed=torch.arange(B), offset=3)
+    want = ref.tree_target_probs(row, 1.0, top_k, top_p)
+    assert set(out.bonus.tolist()) == set(torch.nonzero(want).flatten().tolist())
+    freq = torch.bincount(out.bonus.long(), minlength=V).double() / B
+    assert torch.allclose(freq, want.double(), atol=0.04)

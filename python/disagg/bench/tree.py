@@ -26,11 +26,11 @@ def add_arguments(parser) -> None:
 def eagle_like_tree(N: int) -> list:
     """A static draft tree of N nodes shaped like EAGLE's defaults: wide near the root, the
     best-ranked children expanded deeper (a child of sibling rank r at depth d gets
-    max(0, 5 - 2r - d) children), extended by a chain if the rule runs out of nodes."""
+    max(0, 6 - 2r - d) children; 8 at the root), extended by a chain if the rule runs out of nodes."""
     parents, depth, rank, queue = [-1], [0], [0], [0]
     while queue and len(parents) < N:
         i = queue.pop(0)
-        k = 8 if i == 0 else max(0, 5 - 2 * rank[i] - depth[i])
+        k = 8 if i == 0 else max(0, 6 - 2 * rank[i] - depth[i])
         for r in range(k):
             if len(parents) >= N:
                 break
