@@ -21,6 +21,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--accept", type=float, default=0.8,
                         help="probability that the target favours one of a node's children")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="intra-op threads for the ops and the baselines (0: torch's default)")
 
 
 def eagle_like_tree(N: int) -> list:
@@ -136,6 +138,8 @@ def run(args) -> list:
     dev = args.device
     if dev.type != "cpu":
         raise SystemExit("bench tree: only the CPU ops exist so far")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)  # the ops' OpenMP loops follow the same setting
     dtype = getattr(torch, args.dtype)
     B, N, V = args.batch, args.nodes, args.vocab
     parents, num, tokens, logits = make_inputs(B, N, V, dtype, args.accept, args.seed)
