@@ -375,3 +375,21 @@ def test_filtered_support_with_ties(top_k, top_p):
     assert set(out.bonus.tolist()) == set(torch.nonzero(want).flatten().tolist())
     freq = torch.bincount(out.bonus.long(), minlength=V).double() / B
     assert torch.allclose(freq, want.double(), atol=0.04)
+
+
+def test_bench_smoke(monkeypatch):
+    """The benchmark family runs end to end (with --check) on a tiny case; timing is replaced by
+    one call each (timings belong to the benchmark, not to tests)."""
+    import argparse
+
+    from disagg.bench import tree as bench_tree
+
+    monkeypatch.setattr(bench_tree, "median_time", lambda fn, device, min_run_time=0.0: (fn(), 1e-3)[1])
+
+    p = argparse.ArgumentParser()
+    bench_tree.add_arguments(p)
+    args = p.parse_args(["--batch", "4", "--nodes", "16", "--vocab", "300"])
+    args.device, args.check, args.json, args.min_run_time = torch.device("cpu"), True, True, 0.001
+    rows = bench_tree.run(args)
+    assert [r["op"] for r in rows][0] == "tree_verify_greedy" and len(rows) == 4
+    assert all(r["speedup"] > 0 and r["median_s"] > 0 for r in rows)
