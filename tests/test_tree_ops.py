@@ -358,3 +358,38 @@ def test_bad_arguments():
         ops.tree_verify_sample(logits, tokens, parents, num, temperature=torch.ones(3))
     with pytest.raises(ValueError, match="draft_probs must have the vocabulary"):
         ops.tree_verify_sample(logits, tokens, parents, num, draft_probs=logits[..., :5])
+
+
+@pytest.mark.parametrize("top_k,top_p", [(4, 1.0), (0, 0.6), (4, 0.7), (1, 1.0), (0, 0.05), (20, 0.999)])
+def test_filtered_support_with_ties(top_k, top_p):
+    """Leaf-only trees: the bonus is a plain sample of the filtered target. Its support must be
+    exactly the reference's (ties resolved to the lower id in both top-k and top-p)."""
+    B, V = 3000, 10
+    row = torch.tensor([3.0, 3.0, 2.0, 2.0, 2.0, 1.0, 0.0, 0.0, -1.0, float("-inf")])
+    logits = row.expand(B, 1, V).contiguous()
+    parents = torch.full((B, 1), -1)
+    tokens = torch.zeros(B, 1, dtype=torch.int64)
+    out = ops.tree_verify_sample(logits, tokens, parents, top_k=top_k, top_p=top_p,
+                                 seed=torch.arange(B), offset=3)
+    want = ref.tree_target_probs(row, 1.0, top_k, top_p)
+    assert set(out.bonus.tolist()) == set(torch.nonzero(want).flatten().tolist())
+    freq = torch.bincount(out.bonus.long(), minlength=V).double() / B
+    assert torch.allclose(freq, want.double(), atol=0.04)
+
+
+def test_bench_smoke(monkeypatch):
+    """The benchmark family runs end to end (with --check) on a tiny case; timing is replaced by
+    one call each (timings belong to the benchmark, not to tests)."""
+    import argparse
+
+    from disagg.bench import tree as bench_tree
+
+    monkeypatch.setattr(bench_tree, "median_time", lambda fn, device, min_run_time=0.0: (fn(), 1e-3)[1])
+
+    p = argparse.ArgumentParser()
+    bench_tree.add_arguments(p)
+    args = p.parse_args(["--batch", "4", "--nodes", "16", "--vocab", "300"])
+    args.device, args.check, args.json, args.min_run_time = torch.device("cpu"), True, True, 0.001
+    rows = bench_tree.run(args)
+    assert [r["op"] for r in rows][0] == "tree_verify_greedy" and len(rows) == 4
+    assert all(r["speedup"] > 0 and r["median_s"] > 0 for r in rows)

@@ -277,52 +277,44 @@ inline float exp_nonpos(float x) {
 inline bool prob_before(const float* p, int32_t a, int32_t b) { return ranks_before(p[a], a, p[b], b); }
 
 // Keeps the smallest set of most probable tokens (ties to the lower id) whose mass reaches
-// top_p * total and zeroes the rest: a weighted quickselect, O(V) expected instead of a sort.
+// top_p * total and zeroes the rest, without sorting the vocabulary: for p >= 0 the float's bit
+// pattern orders like its value, so a histogram of the mass over the top 12 bits (exponent and
+// 3 mantissa bits) finds the bucket holding the cutoff in one pass; only that bucket is sorted.
 inline void apply_top_p(float* p, int64_t V, double top_p, int32_t* idx) {
-  int64_t n = 0;
+  constexpr int kShift = 20, kBuckets = 1 << (32 - kShift);
+  std::vector<double> mass(kBuckets, 0.0);
   double total = 0.0;
-  for (int64_t v = 0; v < V; ++v)
-    if (p[v] > 0.0f) { idx[n++] = static_cast<int32_t>(v); total += p[v]; }
-  if (n <= 1) return;
-  double target = top_p * total;
-  int64_t lo = 0, hi = n;
-  int32_t cutoff = -1;
-  auto before = [&](int32_t a, int32_t b) { return prob_before(p, a, b); };
-  while (hi > lo) {
-    if (hi - lo <= 16) {
-      std::sort(idx + lo, idx + hi, before);
-      double acc = 0.0;
-      for (int64_t j = lo; j < hi; ++j) {
-        acc += p[idx[j]];
-        cutoff = idx[j];
-        if (acc >= target) break;
-      }
-      break;
-    }
-    // Median of three as pivot, then split the range into [ranks before pivot | pivot | after].
-    int32_t a = idx[lo], b = idx[lo + (hi - lo) / 2], c = idx[hi - 1];
-    if (before(b, a)) std::swap(a, b);
-    if (before(c, b)) std::swap(b, c);
-    if (before(b, a)) std::swap(a, b);
-    const int32_t pivot = b;
-    int32_t* mid = std::partition(idx + lo, idx + hi, [&](int32_t e) { return before(e, pivot); });
-    std::iter_swap(mid, std::find(mid, idx + hi, pivot));
-    const int64_t m = mid - idx;
-    double sum_a = 0.0;
-    for (int64_t j = lo; j < m; ++j) sum_a += p[idx[j]];
-    if (sum_a >= target) {
-      hi = m;
-    } else if (sum_a + p[pivot] >= target) {
-      cutoff = pivot;
-      break;
-    } else {
-      target -= sum_a + p[pivot];
-      lo = m + 1;
+  for (int64_t v = 0; v < V; ++v) {
+    if (p[v] > 0.0f) {
+      uint32_t u;
+      std::memcpy(&u, p + v, sizeof(u));
+      mass[u >> kShift] += p[v];
+      total += p[v];
     }
   }
-  if (cutoff < 0) return;  // rounding ran past the end: keep everything
+  const double target = top_p * total;
+  double above = 0.0;
+  int64_t cut = -1;
+  for (int64_t k = kBuckets - 1; k >= 0; --k) {
+    if (above + mass[k] >= target && mass[k] > 0.0) { cut = k; break; }
+    above += mass[k];
+  }
+  if (cut < 0) return;  // rounding: the whole support is needed
+  int64_t n = 0;
+  for (int64_t v = 0; v < V; ++v) {
+    uint32_t u;
+    std::memcpy(&u, p + v, sizeof(u));
+    if (p[v] > 0.0f && static_cast<int64_t>(u >> kShift) == cut) idx[n++] = static_cast<int32_t>(v);
+  }
+  std::sort(idx, idx + n, [&](int32_t a, int32_t b) { return prob_before(p, a, b); });
+  int32_t cutoff = idx[n - 1];
+  double acc = above;
+  for (int64_t j = 0; j < n; ++j) {
+    acc += p[idx[j]];
+    if (acc >= target) { cutoff = idx[j]; break; }
+  }
   for (int64_t v = 0; v < V; ++v)
-    if (p[v] > 0.0f && before(cutoff, static_cast<int32_t>(v))) p[v] = 0.0f;
+    if (p[v] > 0.0f && prob_before(p, cutoff, static_cast<int32_t>(v))) p[v] = 0.0f;
 }
 
 // Draws a token from the non-negative weights p (not necessarily normalised) with u in [0,1).
@@ -389,9 +381,25 @@ inline void target_probs(const float* x, int64_t V, float temperature, int64_t t
     return;
   }
   if (top_k > 0 && top_k < V) {
-    std::memcpy(scratch, p, sizeof(float) * V);
-    std::nth_element(scratch, scratch + (top_k - 1), scratch + V, std::greater<float>());
-    const float kth = scratch[top_k - 1];
+    float kth;
+    if (top_k <= 1024) {
+      // A min-heap of the k largest values seen: one pass, and for any realistic row almost
+      // every entry is rejected by a single compare with the heap's top.
+      std::memcpy(scratch, p, sizeof(float) * top_k);
+      std::make_heap(scratch, scratch + top_k, std::greater<float>());
+      for (int64_t v = top_k; v < V; ++v) {
+        if (p[v] > scratch[0]) {
+          std::pop_heap(scratch, scratch + top_k, std::greater<float>());
+          scratch[top_k - 1] = p[v];
+          std::push_heap(scratch, scratch + top_k, std::greater<float>());
+        }
+      }
+      kth = scratch[0];
+    } else {
+      std::memcpy(scratch, p, sizeof(float) * V);
+      std::nth_element(scratch, scratch + (top_k - 1), scratch + V, std::greater<float>());
+      kth = scratch[top_k - 1];
+    }
     int64_t greater = 0;
     for (int64_t v = 0; v < V; ++v) greater += p[v] > kth;
     int64_t equal_left = top_k - greater;
