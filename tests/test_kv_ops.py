@@ -536,7 +536,10 @@ def test_manager_transfer_between_different_caches():
     for layer in range(4):
         k, v = torch.randn(45, 4, 32), torch.randn(45, 4, 32)
         a.write(layer, "r", 0, k, v)
-    b.unpack("r", a.pack("r", heads=(0, 4)), head_start=4)  # into heads 4..7
+    staging = torch.empty(a.pack_nbytes("r") + 64, dtype=torch.uint8)
+    packed = a.pack("r", out=staging)
+    assert packed.numel() == a.pack_nbytes("r") and torch.equal(packed, a.pack("r"))
+    b.unpack("r", packed, head_start=4)  # into heads 4..7
     assert b.num_tokens("r") == 45
     for layer in range(4):
         ka, va = a.gather(layer, "r")

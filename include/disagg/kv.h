@@ -67,6 +67,10 @@ struct BufferHeader {
 };
 static_assert(sizeof(BufferHeader) == kHeaderBytes, "the header is part of the wire format");
 
+// Work below this many bytes runs on the calling thread: waking a thread team costs more than
+// the copy, and on a busy machine a descheduled team member stalls the whole op.
+constexpr int64_t kParallelBytes = int64_t(1) << 20;
+
 inline int64_t dtype_bytes(DType d) { return d == DType::kFloat32 ? 4 : 2; }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -252,7 +256,7 @@ inline QuantParams quant_params(Quant q, float amax) {
 }
 
 template <typename T>
-DISAGG_KV_ROW void quantize_row(Quant q, const T* src, uint8_t* dst, int64_t n, float inv) {
+inline void quantize_row(Quant q, const T* src, uint8_t* dst, int64_t n, float inv) {
   if (q == Quant::kInt8) {
     // |x * inv| <= 127 up to one rounding of inv, so the rounded value fits an int32 and the
     // clamp (in integers, cheaper than float compares) only catches a hair above 127
@@ -266,13 +270,43 @@ DISAGG_KV_ROW void quantize_row(Quant q, const T* src, uint8_t* dst, int64_t n, 
 }
 
 template <typename T>
-DISAGG_KV_ROW void dequantize_row(Quant q, const uint8_t* src, T* dst, int64_t n, float scale) {
+inline void dequantize_row(Quant q, const uint8_t* src, T* dst, int64_t n, float scale) {
   if (q == Quant::kInt8) {
     for (int64_t i = 0; i < n; ++i)
       dst[i] = store<T>(static_cast<float>(static_cast<int8_t>(src[i])) * scale);
   } else {
     for (int64_t i = 0; i < n; ++i) dst[i] = store<T>(fp8e4m3_to_float(src[i]) * scale);
   }
+}
+
+// One (block, head) group of nt rows of D elements (rows `src_stride` / `dst_stride` apart):
+// its absolute maximum, its scale, and the quantized rows. One call per group keeps the
+// dispatch to the AVX2 clone and the loop set-up off the per-row path. Returns false (and
+// writes nothing but a NaN scale) when the group holds inf or NaN.
+template <typename T>
+DISAGG_KV_ROW bool quantize_group(Quant q, const T* src, int64_t src_stride, uint8_t* dst,
+                                  int64_t dst_stride, int64_t nt, int64_t D, float* scale) {
+  typename AbsBits<T>::type mx = 0;
+  for (int64_t o = 0; o < nt; ++o) {
+    const T* r = src + o * src_stride;
+    for (int64_t d = 0; d < D; ++d) mx = kmax(mx, abs_bits(r[d]));
+  }
+  if (mx >= AbsBits<T>::kInf) {
+    *scale = std::numeric_limits<float>::quiet_NaN();
+    return false;
+  }
+  const QuantParams qp = quant_params(q, from_abs_bits(mx, static_cast<T*>(nullptr)));
+  *scale = qp.scale;
+  for (int64_t o = 0; o < nt; ++o) quantize_row(q, src + o * src_stride, dst + o * dst_stride, D, qp.inv);
+  return true;
+}
+
+// One token of a quantized payload (Hc rows of D bytes, contiguous) into the destination (rows
+// `dst_head_stride` apart), head h scaled by scales[h].
+template <typename T>
+DISAGG_KV_ROW void dequantize_token(Quant q, const uint8_t* src, T* dst, int64_t dst_head_stride,
+                                    int64_t Hc, int64_t D, const float* scales) {
+  for (int64_t h = 0; h < Hc; ++h) dequantize_row(q, src + h * D, dst + h * dst_head_stride, D, scales[h]);
 }
 
 // ---- pack ------------------------------------------------------------------------------------
@@ -312,7 +346,7 @@ Status pack_cpu(const T* const* layers, const Idx* table, int64_t table_len, con
   const bool heads_contig = g.stride_head == D;
   // a whole block is one contiguous run when, in addition, all heads are taken
   const bool block_contig = heads_contig && Hc == g.num_heads && g.stride_token == g.num_heads * D;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (items * bs * row * static_cast<int64_t>(sizeof(T)) > kParallelBytes)
   for (int64_t it = 0; it < items; ++it) {
     const int64_t l = it / (2 * nblk), c = (it / nblk) % 2, j = it % nblk;
     const T* base = layers[l] + cache_offset(g, static_cast<int64_t>(table[j]), c, 0, p.head_start);
@@ -336,21 +370,8 @@ Status pack_cpu(const T* const* layers, const Idx* table, int64_t table_len, con
     // Quantized: one scale per (block, head) from the block's absolute maximum.
     uint8_t* dst = payload + first;
     float* sc = scales + ((l * 2 + c) * nblk + j) * Hc;
-    using Bits = typename AbsBits<T>::type;
-    for (int64_t h = 0; h < Hc; ++h) {
-      Bits mx = 0;
-      for (int64_t o = 0; o < nt; ++o) {
-        const T* src = base + o * g.stride_token + h * g.stride_head;
-        for (int64_t d = 0; d < D; ++d) mx = kmax(mx, abs_bits(src[d]));
-      }
-      const bool finite = mx < AbsBits<T>::kInf;
-      const QuantParams qp = quant_params(p.quant, from_abs_bits(mx, static_cast<T*>(nullptr)));
-      sc[h] = finite ? qp.scale : std::numeric_limits<float>::quiet_NaN();  // flagged below
-      if (!finite) continue;
-      for (int64_t o = 0; o < nt; ++o)
-        quantize_row(p.quant, base + o * g.stride_token + h * g.stride_head, dst + o * row + h * D,
-                     D, qp.inv);
-    }
+    for (int64_t h = 0; h < Hc; ++h)
+      quantize_group(p.quant, base + h * g.stride_head, g.stride_token, dst + h * D, row, nt, D, sc + h);
   }
   if (p.quant != Quant::kNone) {
     // non-finite values have no meaningful scale: report instead of sending garbage
@@ -386,7 +407,7 @@ Status unpack_cpu(const uint8_t* buf, const BufferHeader& hdr, T* const* layers,
   const bool heads_contig = g.stride_head == D;
   const bool block_contig = heads_contig && Hc == g.num_heads && g.stride_token == g.num_heads * D;
   const int64_t items = hdr.num_layers * 2 * nblk;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (items * bs * row * static_cast<int64_t>(sizeof(T)) > kParallelBytes)
   for (int64_t it = 0; it < items; ++it) {
     const int64_t l = it / (2 * nblk), c = (it / nblk) % 2, j = it % nblk;
     T* base = layers[l] + cache_offset(g, static_cast<int64_t>(table[j]), c, 0, p.head_start);
@@ -406,14 +427,9 @@ Status unpack_cpu(const uint8_t* buf, const BufferHeader& hdr, T* const* layers,
     }
     const float* sc = scales + (l * 2 + c) * ngroups * Hc;
     const uint8_t* q = reinterpret_cast<const uint8_t*>(src);
-    for (int64_t o = 0; o < nt; ++o) {
-      const float* s = sc + ((t0 + o) / sgroup) * Hc;
-      for (int64_t h = 0; h < Hc; ++h) {
-        const uint8_t* qr = q + o * row + h * D;
-        T* dst = base + o * g.stride_token + h * g.stride_head;
-        dequantize_row(quant, qr, dst, D, s[h]);
-      }
-    }
+    for (int64_t o = 0; o < nt; ++o)
+      dequantize_token(quant, q + o * row, base + o * g.stride_token, g.stride_head, Hc, D,
+                       sc + ((t0 + o) / sgroup) * Hc);
   }
   return Status::kOk;
 }
@@ -450,7 +466,7 @@ Status compact_cpu(T* const* layers, int64_t num_layers, const CacheGeom& g, con
         std::memcpy(to + h * g.stride_head, from + h * g.stride_head, static_cast<size_t>(D) * sizeof(T));
     }
   };
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (num_layers * 2 * n * H * D * static_cast<int64_t>(sizeof(T)) > kParallelBytes)
   for (int64_t lc = 0; lc < num_layers * 2; ++lc) {
     T* layer = layers[lc / 2];
     const int64_t c = lc % 2;
