@@ -172,13 +172,16 @@ inline float load(bf16_t x) { return u2f(static_cast<uint32_t>(x.bits) << 16); }
 inline float load(f16_t x) {
   const uint32_t h = x.bits;
   const uint32_t sign = (h & 0x8000u) << 16;
-  const uint32_t em = (h & 0x7fffu) << 13;
-  // 2^112 moves the exponent bias from 15 to 127; for subnormal halves em is a float32
-  // subnormal and the same product normalises it exactly
-  const float finite = u2f(em) * 5.192296858534828e33f;
-  // inf, or NaN with its payload and the quiet bit set (as the hardware conversion torch uses)
-  const float special = u2f(em | 0x7f800000u | ((h & 0x3ffu) ? 0x400000u : 0u));
-  return u2f(f2u((h & 0x7c00u) == 0x7c00u ? special : finite) | sign);
+  const uint32_t exp = h & 0x7c00u, mant = h & 0x3ffu;
+  // three candidates, then a select: normal (exponent rebased 15 -> 127 by an integer add),
+  // subnormal (mant * 2^-24: an exact int->float and a product that is a normal float, so the
+  // result does not depend on denormals-are-zero mode), inf/NaN (payload kept, quiet bit set
+  // as the hardware conversion torch uses does)
+  const uint32_t normal = (((h & 0x7fffu) << 13) + ((127u - 15u) << 23));
+  const uint32_t sub = f2u(static_cast<float>(static_cast<int32_t>(mant)) * 5.9604644775390625e-8f);
+  const uint32_t special = 0x7f800000u | (mant << 13) | (mant ? 0x400000u : 0u);
+  const uint32_t r = exp == 0x7c00u ? special : (exp == 0 ? sub : normal);
+  return u2f(r | sign);
 }
 
 template <typename T> inline T store(float f);
@@ -228,11 +231,13 @@ inline uint8_t fp8e4m3_from_float(float f) {
 
 inline float fp8e4m3_to_float(uint8_t b) {
   const uint32_t m = b & 0x7fu;
-  // e4m3 bits moved to the top of a float32 and scaled by 2^120 (bias 127 -> 7); a subnormal
-  // e4m3 becomes a float32 subnormal and the same product is exact
-  const float v = u2f(m << 20) * 1.329227995784916e36f;
-  const float r = m == 0x7fu ? std::numeric_limits<float>::quiet_NaN() : v;
-  return u2f(f2u(r) | (static_cast<uint32_t>(b & 0x80u) << 24));
+  // normal: exponent rebased 7 -> 127 by an integer add; subnormal (exponent field 0):
+  // m * 2^-9 from an exact int->float (no denormal arithmetic, so FTZ/DAZ modes do not matter)
+  const uint32_t normal = (m << 20) + ((127u - 7u) << 23);
+  const uint32_t sub = f2u(static_cast<float>(static_cast<int32_t>(m)) * 0.001953125f);
+  uint32_t r = m < 8u ? sub : normal;
+  r = m == 0x7fu ? 0x7fc00000u : r;
+  return u2f(r | (static_cast<uint32_t>(b & 0x80u) << 24));
 }
 
 // Copy n elements with a dtype change (memcpy when the types agree).
