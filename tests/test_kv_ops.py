@@ -219,6 +219,36 @@ def test_dtype_conversion_narrowing_matches_torch(dst_dtype):
     torch.testing.assert_close(dst[0], caches[0].to(dst_dtype), rtol=0, atol=0, equal_nan=True)
 
 
+def test_conversions_do_not_depend_on_flush_denormal_mode():
+    """Subnormal f16 values and subnormal fp8 codes decode the same with FTZ/DAZ on (small ops
+    run on the calling thread, whose mode torch.set_flush_denormal sets)."""
+    pats = torch.arange(0, 1024, dtype=torch.int32).to(torch.int16)
+    pats = torch.cat([pats, pats | -32768]).view(torch.float16)  # +/- all subnormals and zero
+    caches = [pats.view(-1, 1, 1, 1, 64).expand(-1, 2, 1, 1, 64).contiguous()]
+    nb = caches[0].shape[0]
+    table = torch.arange(nb, dtype=torch.int32)
+    buf = ops.kv_pack(caches, table, nb)
+    # fp8: a group with amax 448 so that the scale is 1 and small values land on the subnormal grid
+    x = torch.tensor([448.0] + [k * 2.0 ** -9 for k in range(-7, 8)] + [2.0 ** -6] * 48)
+    qsrc = [x.view(1, 1, 1, 1, 64).expand(1, 2, 1, 1, 64).contiguous()]
+    qbuf = ops.kv_pack(qsrc, torch.zeros(1, dtype=torch.int32), 1, quant="fp8_e4m3")
+    want = [c.float() for c in caches]
+    qwant = torch.empty(1, 2, 1, 1, 64)
+    ops.kv_unpack(qbuf, [qwant], torch.zeros(1, dtype=torch.int32))
+    assert torch.equal(qwant, qsrc[0])  # every value is on the fp8 grid: exact
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU has no flush-denormal mode")
+    try:
+        dst = [torch.empty(nb, 2, 1, 1, 64)]
+        ops.kv_unpack(buf, dst, table)
+        qdst = [torch.empty(1, 2, 1, 1, 64)]
+        ops.kv_unpack(qbuf, qdst, torch.zeros(1, dtype=torch.int32))
+    finally:
+        torch.set_flush_denormal(False)
+    assert torch.equal(dst[0].view(torch.int32), want[0].view(torch.int32))
+    assert torch.equal(qdst[0], qsrc[0])
+
+
 # ---- quantization -----------------------------------------------------------------------------
 
 
@@ -536,7 +566,10 @@ def test_manager_transfer_between_different_caches():
     for layer in range(4):
         k, v = torch.randn(45, 4, 32), torch.randn(45, 4, 32)
         a.write(layer, "r", 0, k, v)
-    b.unpack("r", a.pack("r", heads=(0, 4)), head_start=4)  # into heads 4..7
+    staging = torch.empty(a.pack_nbytes("r") + 64, dtype=torch.uint8)
+    packed = a.pack("r", out=staging)
+    assert packed.numel() == a.pack_nbytes("r") and torch.equal(packed, a.pack("r"))
+    b.unpack("r", packed, head_start=4)  # into heads 4..7
     assert b.num_tokens("r") == 45
     for layer in range(4):
         ka, va = a.gather(layer, "r")

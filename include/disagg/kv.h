@@ -67,6 +67,10 @@ struct BufferHeader {
 };
 static_assert(sizeof(BufferHeader) == kHeaderBytes, "the header is part of the wire format");
 
+// Work below this many bytes runs on the calling thread: waking a thread team costs more than
+// the copy, and on a busy machine a descheduled team member stalls the whole op.
+constexpr int64_t kParallelBytes = int64_t(1) << 20;
+
 inline int64_t dtype_bytes(DType d) { return d == DType::kFloat32 ? 4 : 2; }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -168,13 +172,16 @@ inline float load(bf16_t x) { return u2f(static_cast<uint32_t>(x.bits) << 16); }
 inline float load(f16_t x) {
   const uint32_t h = x.bits;
   const uint32_t sign = (h & 0x8000u) << 16;
-  const uint32_t em = (h & 0x7fffu) << 13;
-  // 2^112 moves the exponent bias from 15 to 127; for subnormal halves em is a float32
-  // subnormal and the same product normalises it exactly
-  const float finite = u2f(em) * 5.192296858534828e33f;
-  // inf, or NaN with its payload and the quiet bit set (as the hardware conversion torch uses)
-  const float special = u2f(em | 0x7f800000u | ((h & 0x3ffu) ? 0x400000u : 0u));
-  return u2f(f2u((h & 0x7c00u) == 0x7c00u ? special : finite) | sign);
+  const uint32_t exp = h & 0x7c00u, mant = h & 0x3ffu;
+  // three candidates, then a select: normal (exponent rebased 15 -> 127 by an integer add),
+  // subnormal (mant * 2^-24: an exact int->float and a product that is a normal float, so the
+  // result does not depend on denormals-are-zero mode), inf/NaN (payload kept, quiet bit set
+  // as the hardware conversion torch uses does)
+  const uint32_t normal = (((h & 0x7fffu) << 13) + ((127u - 15u) << 23));
+  const uint32_t sub = f2u(static_cast<float>(static_cast<int32_t>(mant)) * 5.9604644775390625e-8f);
+  const uint32_t special = 0x7f800000u | (mant << 13) | (mant ? 0x400000u : 0u);
+  const uint32_t r = exp == 0x7c00u ? special : (exp == 0 ? sub : normal);
+  return u2f(r | sign);
 }
 
 template <typename T> inline T store(float f);
@@ -224,11 +231,13 @@ inline uint8_t fp8e4m3_from_float(float f) {
 
 inline float fp8e4m3_to_float(uint8_t b) {
   const uint32_t m = b & 0x7fu;
-  // e4m3 bits moved to the top of a float32 and scaled by 2^120 (bias 127 -> 7); a subnormal
-  // e4m3 becomes a float32 subnormal and the same product is exact
-  const float v = u2f(m << 20) * 1.329227995784916e36f;
-  const float r = m == 0x7fu ? std::numeric_limits<float>::quiet_NaN() : v;
-  return u2f(f2u(r) | (static_cast<uint32_t>(b & 0x80u) << 24));
+  // normal: exponent rebased 7 -> 127 by an integer add; subnormal (exponent field 0):
+  // m * 2^-9 from an exact int->float (no denormal arithmetic, so FTZ/DAZ modes do not matter)
+  const uint32_t normal = (m << 20) + ((127u - 7u) << 23);
+  const uint32_t sub = f2u(static_cast<float>(static_cast<int32_t>(m)) * 0.001953125f);
+  uint32_t r = m < 8u ? sub : normal;
+  r = m == 0x7fu ? 0x7fc00000u : r;
+  return u2f(r | (static_cast<uint32_t>(b & 0x80u) << 24));
 }
 
 // Copy n elements with a dtype change (memcpy when the types agree).
@@ -252,7 +261,7 @@ inline QuantParams quant_params(Quant q, float amax) {
 }
 
 template <typename T>
-DISAGG_KV_ROW void quantize_row(Quant q, const T* src, uint8_t* dst, int64_t n, float inv) {
+inline void quantize_row(Quant q, const T* src, uint8_t* dst, int64_t n, float inv) {
   if (q == Quant::kInt8) {
     // |x * inv| <= 127 up to one rounding of inv, so the rounded value fits an int32 and the
     // clamp (in integers, cheaper than float compares) only catches a hair above 127
@@ -266,13 +275,43 @@ DISAGG_KV_ROW void quantize_row(Quant q, const T* src, uint8_t* dst, int64_t n, 
 }
 
 template <typename T>
-DISAGG_KV_ROW void dequantize_row(Quant q, const uint8_t* src, T* dst, int64_t n, float scale) {
+inline void dequantize_row(Quant q, const uint8_t* src, T* dst, int64_t n, float scale) {
   if (q == Quant::kInt8) {
     for (int64_t i = 0; i < n; ++i)
       dst[i] = store<T>(static_cast<float>(static_cast<int8_t>(src[i])) * scale);
   } else {
     for (int64_t i = 0; i < n; ++i) dst[i] = store<T>(fp8e4m3_to_float(src[i]) * scale);
   }
+}
+
+// One (block, head) group of nt rows of D elements (rows `src_stride` / `dst_stride` apart):
+// its absolute maximum, its scale, and the quantized rows. One call per group keeps the
+// dispatch to the AVX2 clone and the loop set-up off the per-row path. Returns false (and
+// writes nothing but a NaN scale) when the group holds inf or NaN.
+template <typename T>
+DISAGG_KV_ROW bool quantize_group(Quant q, const T* src, int64_t src_stride, uint8_t* dst,
+                                  int64_t dst_stride, int64_t nt, int64_t D, float* scale) {
+  typename AbsBits<T>::type mx = 0;
+  for (int64_t o = 0; o < nt; ++o) {
+    const T* r = src + o * src_stride;
+    for (int64_t d = 0; d < D; ++d) mx = kmax(mx, abs_bits(r[d]));
+  }
+  if (mx >= AbsBits<T>::kInf) {
+    *scale = std::numeric_limits<float>::quiet_NaN();
+    return false;
+  }
+  const QuantParams qp = quant_params(q, from_abs_bits(mx, static_cast<T*>(nullptr)));
+  *scale = qp.scale;
+  for (int64_t o = 0; o < nt; ++o) quantize_row(q, src + o * src_stride, dst + o * dst_stride, D, qp.inv);
+  return true;
+}
+
+// One token of a quantized payload (Hc rows of D bytes, contiguous) into the destination (rows
+// `dst_head_stride` apart), head h scaled by scales[h].
+template <typename T>
+DISAGG_KV_ROW void dequantize_token(Quant q, const uint8_t* src, T* dst, int64_t dst_head_stride,
+                                    int64_t Hc, int64_t D, const float* scales) {
+  for (int64_t h = 0; h < Hc; ++h) dequantize_row(q, src + h * D, dst + h * dst_head_stride, D, scales[h]);
 }
 
 // ---- pack ------------------------------------------------------------------------------------
@@ -312,7 +351,7 @@ Status pack_cpu(const T* const* layers, const Idx* table, int64_t table_len, con
   const bool heads_contig = g.stride_head == D;
   // a whole block is one contiguous run when, in addition, all heads are taken
   const bool block_contig = heads_contig && Hc == g.num_heads && g.stride_token == g.num_heads * D;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (items * bs * row * static_cast<int64_t>(sizeof(T)) > kParallelBytes)
   for (int64_t it = 0; it < items; ++it) {
     const int64_t l = it / (2 * nblk), c = (it / nblk) % 2, j = it % nblk;
     const T* base = layers[l] + cache_offset(g, static_cast<int64_t>(table[j]), c, 0, p.head_start);
@@ -336,21 +375,8 @@ Status pack_cpu(const T* const* layers, const Idx* table, int64_t table_len, con
     // Quantized: one scale per (block, head) from the block's absolute maximum.
     uint8_t* dst = payload + first;
     float* sc = scales + ((l * 2 + c) * nblk + j) * Hc;
-    using Bits = typename AbsBits<T>::type;
-    for (int64_t h = 0; h < Hc; ++h) {
-      Bits mx = 0;
-      for (int64_t o = 0; o < nt; ++o) {
-        const T* src = base + o * g.stride_token + h * g.stride_head;
-        for (int64_t d = 0; d < D; ++d) mx = kmax(mx, abs_bits(src[d]));
-      }
-      const bool finite = mx < AbsBits<T>::kInf;
-      const QuantParams qp = quant_params(p.quant, from_abs_bits(mx, static_cast<T*>(nullptr)));
-      sc[h] = finite ? qp.scale : std::numeric_limits<float>::quiet_NaN();  // flagged below
-      if (!finite) continue;
-      for (int64_t o = 0; o < nt; ++o)
-        quantize_row(p.quant, base + o * g.stride_token + h * g.stride_head, dst + o * row + h * D,
-                     D, qp.inv);
-    }
+    for (int64_t h = 0; h < Hc; ++h)
+      quantize_group(p.quant, base + h * g.stride_head, g.stride_token, dst + h * D, row, nt, D, sc + h);
   }
   if (p.quant != Quant::kNone) {
     // non-finite values have no meaningful scale: report instead of sending garbage
@@ -386,7 +412,7 @@ Status unpack_cpu(const uint8_t* buf, const BufferHeader& hdr, T* const* layers,
   const bool heads_contig = g.stride_head == D;
   const bool block_contig = heads_contig && Hc == g.num_heads && g.stride_token == g.num_heads * D;
   const int64_t items = hdr.num_layers * 2 * nblk;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (items * bs * row * static_cast<int64_t>(sizeof(T)) > kParallelBytes)
   for (int64_t it = 0; it < items; ++it) {
     const int64_t l = it / (2 * nblk), c = (it / nblk) % 2, j = it % nblk;
     T* base = layers[l] + cache_offset(g, static_cast<int64_t>(table[j]), c, 0, p.head_start);
@@ -406,14 +432,9 @@ Status unpack_cpu(const uint8_t* buf, const BufferHeader& hdr, T* const* layers,
     }
     const float* sc = scales + (l * 2 + c) * ngroups * Hc;
     const uint8_t* q = reinterpret_cast<const uint8_t*>(src);
-    for (int64_t o = 0; o < nt; ++o) {
-      const float* s = sc + ((t0 + o) / sgroup) * Hc;
-      for (int64_t h = 0; h < Hc; ++h) {
-        const uint8_t* qr = q + o * row + h * D;
-        T* dst = base + o * g.stride_token + h * g.stride_head;
-        dequantize_row(quant, qr, dst, D, s[h]);
-      }
-    }
+    for (int64_t o = 0; o < nt; ++o)
+      dequantize_token(quant, q + o * row, base + o * g.stride_token, g.stride_head, Hc, D,
+                       sc + ((t0 + o) / sgroup) * Hc);
   }
   return Status::kOk;
 }
@@ -450,7 +471,7 @@ Status compact_cpu(T* const* layers, int64_t num_layers, const CacheGeom& g, con
         std::memcpy(to + h * g.stride_head, from + h * g.stride_head, static_cast<size_t>(D) * sizeof(T));
     }
   };
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (num_layers * 2 * n * H * D * static_cast<int64_t>(sizeof(T)) > kParallelBytes)
   for (int64_t lc = 0; lc < num_layers * 2; ++lc) {
     T* layer = layers[lc / 2];
     const int64_t c = lc % 2;

@@ -83,43 +83,44 @@ def run(args) -> list[dict]:
             if not all(torch.equal(x.cpu(), y) for x, y in zip(a, b)):
                 raise AssertionError(f"kv_unpack(quant={quant}) differs from the reference")
 
-    # ---- plain pack / unpack: payload read once, written once -----------------------------
-    nbytes = 2 * payload
-    t_copy = copy_time(nbytes, dev, mrt)
-    t_comp_pack = median_time(lambda: _composite_pack(src, table, "none"), dev, mrt)
-    t_pack = median_time(lambda: ops.kv_pack(src, table32, T), dev, mrt)
-    rows.append(row(op="kv_pack", device=dev, shape=shape, dtype=dtype, median_s=t_pack,
-                    baseline="index_select+cat per layer", baseline_median_s=t_comp_pack,
-                    nbytes=nbytes, copy_s=t_copy))
-    out = torch.empty(ops.kv_pack_nbytes(L, T, H, D, dtype), dtype=torch.uint8, device=dev)
-    t_into = median_time(lambda: ops.kv_pack_into(src, table32, T, out), dev, mrt)
-    rows.append(row(op="kv_pack_into", device=dev, shape=shape, dtype=dtype, median_s=t_into,
-                    baseline="index_select+cat per layer", baseline_median_s=t_comp_pack,
-                    nbytes=nbytes, copy_s=t_copy))
-    buf = ops.kv_pack(src, table32, T)
-    flat = _composite_pack(src, table, "none")
-    t_comp_unpack = median_time(lambda: _composite_unpack(flat, dst, table, "none"), dev, mrt)
-    t_unpack = median_time(lambda: ops.kv_unpack(buf, dst, table32), dev, mrt)
-    rows.append(row(op="kv_unpack", device=dev, shape=shape, dtype=dtype, median_s=t_unpack,
-                    baseline="index_copy_ per layer", baseline_median_s=t_comp_unpack,
-                    nbytes=nbytes, copy_s=t_copy))
+    def fresh_copy(n):
+        # a copy into a freshly allocated buffer: what any op returning a new tensor pays
+        a = torch.empty(n, dtype=torch.uint8, device=dev).random_(0, 255)
+        return median_time(lambda: torch.empty_like(a).copy_(a), dev, mrt)
 
-    # ---- quantized: read the payload, write 1 byte per element (+ scales) -----------------
-    for quant in ("int8", "fp8_e4m3"):
-        qbytes = payload + ops.kv_pack_nbytes(L, T, H, D, dtype, quant, bs)
-        t_qcopy = copy_time(qbytes, dev, mrt)
-        t_comp = median_time(lambda: _composite_pack(src, table, quant), dev, mrt)
-        t_q = median_time(lambda: ops.kv_pack(src, table32, T, quant=quant), dev, mrt)
-        rows.append(row(op=f"kv_pack[{quant}]", device=dev, shape=shape, dtype=dtype,
-                        median_s=t_q, baseline="index_select+cat+quantize", baseline_median_s=t_comp,
-                        nbytes=qbytes, copy_s=t_qcopy))
-        qbuf = ops.kv_pack(src, table32, T, quant=quant)
-        cq, cs = _composite_pack(src, table, quant)
-        t_comp_u = median_time(lambda: _composite_unpack(cq, dst, table, quant, cs), dev, mrt)
-        t_u = median_time(lambda: ops.kv_unpack(qbuf, dst, table32), dev, mrt)
-        rows.append(row(op=f"kv_unpack[{quant}]", device=dev, shape=shape, dtype=dtype,
-                        median_s=t_u, baseline="dequantize+index_copy_", baseline_median_s=t_comp_u,
-                        nbytes=qbytes, copy_s=t_qcopy))
+    # ---- plain and quantized pack / unpack -------------------------------------------------
+    # bytes = payload read from the caches + buffer written (and the reverse for unpack)
+    t_comp_pack = {}
+    for quant in ("none", "int8", "fp8_e4m3"):
+        nbuf = ops.kv_pack_nbytes(L, T, H, D, dtype, quant, bs)
+        nbytes = payload + nbuf
+        t_copy = copy_time(nbytes, dev, mrt)
+        t_fresh = fresh_copy(nbuf)
+        base = "index_select+cat per layer" + ("" if quant == "none" else "+quantize")
+        t_comp_pack[quant] = median_time(lambda: _composite_pack(src, table, quant), dev, mrt)
+        tag = "" if quant == "none" else f"[{quant}]"
+        t_pack = median_time(lambda: ops.kv_pack(src, table32, T, quant=quant), dev, mrt)
+        rows.append(row(op=f"kv_pack{tag}", device=dev, shape=shape, dtype=dtype, median_s=t_pack,
+                        baseline=base, baseline_median_s=t_comp_pack[quant], nbytes=nbytes,
+                        copy_s=t_copy, fresh_buffer_copy_ratio=t_fresh / t_pack))
+        out = torch.empty(nbuf, dtype=torch.uint8, device=dev)
+        t_into = median_time(lambda: ops.kv_pack_into(src, table32, T, out, quant=quant), dev, mrt)
+        rows.append(row(op=f"kv_pack_into{tag}", device=dev, shape=shape, dtype=dtype,
+                        median_s=t_into, baseline=base, baseline_median_s=t_comp_pack[quant],
+                        nbytes=nbytes, copy_s=t_copy))
+        buf = ops.kv_pack(src, table32, T, quant=quant)
+        if quant == "none":
+            flat = _composite_pack(src, table, "none")
+            comp_unpack = lambda: _composite_unpack(flat, dst, table, "none")  # noqa: E731
+        else:
+            cq, cs = _composite_pack(src, table, quant)
+            comp_unpack = lambda: _composite_unpack(cq, dst, table, quant, cs)  # noqa: E731
+        t_comp_unpack = median_time(comp_unpack, dev, mrt)
+        t_unpack = median_time(lambda: ops.kv_unpack(buf, dst, table32), dev, mrt)
+        rows.append(row(op=f"kv_unpack{tag}", device=dev, shape=shape, dtype=dtype,
+                        median_s=t_unpack,
+                        baseline="index_copy_ per layer" if quant == "none" else "dequantize+index_copy_",
+                        baseline_median_s=t_comp_unpack, nbytes=nbytes, copy_s=t_copy))
 
     # ---- compact: 7 accepted tree nodes after the prompt, all layers ---------------------
     acc = torch.tensor([T - 15, T - 12, T - 11, T - 7, T - 5, T - 2, T - 1], device=dev)

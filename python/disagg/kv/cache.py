@@ -278,7 +278,7 @@ class PagedKVCache:
         return c[blk, 0, :, off], c[blk, 1, :, off]
 
     def pack(self, req_id: Hashable, layers: _LayerRange = None, heads: Optional[Sequence[int]] = None,
-             quant: str = "none") -> torch.Tensor:
+             quant: str = "none", out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Pack a request's KV into one self-describing uint8 buffer (see ``disagg.ops.kv_pack``).
 
         Parameters
@@ -288,14 +288,31 @@ class PagedKVCache:
         heads : None or (start, end)
             KV heads to pack (default: all).
         quant : {"none", "int8", "fp8_e4m3"}
+        out : Tensor, optional
+            A uint8 buffer to pack into (e.g. memory registered with a transfer engine); the
+            packed bytes are ``out[:n]``, which is returned. Without it a new tensor is returned.
         """
         from .. import ops
 
         l0, l1 = self._layer_range(layers)
         h0, h1 = (0, self.num_kv_heads) if heads is None else (int(heads[0]), int(heads[1]))
-        return ops.kv_pack(self.caches, self.block_table(req_id), self.num_tokens(req_id),
-                           layer_start=l0, layer_end=l1, head_start=h0, head_end=h1, quant=quant,
-                           layout=self.layout)
+        kw = dict(layer_start=l0, layer_end=l1, head_start=h0, head_end=h1, quant=quant,
+                  layout=self.layout)
+        if out is not None:
+            n = ops.kv_pack_into(self.caches, self.block_table(req_id), self.num_tokens(req_id),
+                                 out, **kw)
+            return out[:n]
+        return ops.kv_pack(self.caches, self.block_table(req_id), self.num_tokens(req_id), **kw)
+
+    def pack_nbytes(self, req_id: Hashable, layers: _LayerRange = None,
+                    heads: Optional[Sequence[int]] = None, quant: str = "none") -> int:
+        """Size of the buffer ``pack`` would produce with these arguments."""
+        from .. import ops
+
+        l0, l1 = self._layer_range(layers)
+        h0, h1 = (0, self.num_kv_heads) if heads is None else (int(heads[0]), int(heads[1]))
+        return ops.kv_pack_nbytes(l1 - l0, self.num_tokens(req_id), h1 - h0, self.head_dim,
+                                  self.dtype, quant, self.block_size)
 
     def unpack(self, req_id: Hashable, buffer: torch.Tensor, layer_start: Optional[int] = None,
                head_start: int = 0) -> None:
