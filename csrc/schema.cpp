@@ -44,6 +44,24 @@ TORCH_LIBRARY(disagg, m) {
       "str layout='NHD') -> ()");
 
   // ---- Token trees (speculative decoding) --------------------------------------------------
+  // parents [B,N] (-1 root, parent < child), num_nodes [B] -> (depth [B,N], mask [B,N,ceil(N/32)]
+  // int32 bit words (ancestor-or-self), first_child [B,N], next_sibling [B,N], leaf_paths [B,N,D]
+  // (root-to-leaf node lists, -1 padded), num_leaves [B]); D = max_depth+1, or N if max_depth=-1
+  m.def(
+      "tree_build(Tensor parents, Tensor num_nodes, int max_depth=-1)"
+      " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // logits [B,N,V] (or target ids [B,N]), tokens/parents [B,N], num_nodes [B] ->
+  // (accepted [B,N] node indices from the root, -1 padded; accept_len [B]; bonus [B]), all int32
+  m.def(
+      "tree_verify_greedy(Tensor logits, Tensor tokens, Tensor parents, Tensor num_nodes)"
+      " -> (Tensor, Tensor, Tensor)");
+  // lossless speculative sampling; per-request temperature/top_k/top_p/seed/offset [B];
+  // draft_probs [B,N,V] for stochastic drafts (SpecInfer), none for deterministic ones
+  m.def(
+      "tree_verify_sample(Tensor logits, Tensor tokens, Tensor parents, Tensor num_nodes, "
+      "Tensor temperature, Tensor top_k, Tensor top_p, Tensor seed, Tensor offset, "
+      "Tensor? draft_probs=None) -> (Tensor, Tensor, Tensor)");
+
 
   // ---- Attention ---------------------------------------------------------------------------
   // q [B,Hq,D], kv_cache [NB,2,bs,Hkv,D], block_tables [B,M], ctx_lens [B] -> [B,Hq,D]

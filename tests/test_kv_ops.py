@@ -190,6 +190,35 @@ def test_unpack_layer_by_layer():
     assert torch.equal(tokens_of(dst, dt, T, "NHD"), tokens_of(src, st, T, "NHD"))
 
 
+@pytest.mark.parametrize("src_dtype", [torch.float16, torch.bfloat16])
+def test_dtype_conversion_every_16_bit_pattern(src_dtype):
+    """Widening in unpack equals torch's cast on all 65,536 patterns (inf, NaN, subnormals)."""
+    pats = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(src_dtype)
+    caches = [pats.view(-1, 1, 16, 1, 64).expand(-1, 2, 16, 1, 64).contiguous()]
+    nb = caches[0].shape[0]
+    table = torch.arange(nb, dtype=torch.int32)
+    buf = ops.kv_pack(caches, table, nb * 16)
+    dst = make_caches(1, nb, 16, 1, 64, torch.float32, seed=1)
+    ops.kv_unpack(buf, dst, table)
+    assert torch.equal(dst[0].view(torch.int32), caches[0].float().view(torch.int32))
+
+
+@pytest.mark.parametrize("dst_dtype", [torch.float16, torch.bfloat16])
+def test_dtype_conversion_narrowing_matches_torch(dst_dtype):
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(40000, generator=g) * 10.0 ** torch.randint(-9, 9, (40000,), generator=g),
+                   torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 65504.0,
+                                 65520.0, 65519.99, 6.0e-8, 2.98e-8, 2.99e-8, 3.4e38, 1e-45,
+                                 1.0 + 2.0 ** -8, 1.0 + 3 * 2.0 ** -8, 1.0 + 2.0 ** -11])])
+    x = torch.cat([x, torch.zeros(-x.numel() % 1024)])
+    caches = [x.view(-1, 1, 16, 1, 64).expand(-1, 2, 16, 1, 64).contiguous()]
+    nb = caches[0].shape[0]
+    table = torch.arange(nb, dtype=torch.int32)
+    dst = make_caches(1, nb, 16, 1, 64, dst_dtype, seed=1)
+    ops.kv_unpack(ops.kv_pack(caches, table, nb * 16), dst, table)
+    torch.testing.assert_close(dst[0], caches[0].to(dst_dtype), rtol=0, atol=0, equal_nan=True)
+
+
 # ---- quantization -----------------------------------------------------------------------------
 
 

@@ -13,6 +13,22 @@
 
 #include "disagg/common.h"
 
+// The conversions below select between values computed on both paths; GCC only turns such
+// selects into vector blends when it may assume FP operations do not trap. Nothing here reads
+// the FP exception flags, so the results are the same either way.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC optimize("no-trapping-math")
+#endif
+
+// The row loops are also compiled for AVX2 next to the baseline ISA, picked at load time
+// (GCC function multiversioning); elsewhere they are plain inline functions.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define DISAGG_KV_ROW __attribute__((target_clones("avx2", "default")))
+#else
+#define DISAGG_KV_ROW inline
+#endif
+
 namespace disagg {
 namespace kv {
 
@@ -129,55 +145,99 @@ inline int64_t find_bad_block(const Idx* table, int64_t n, int64_t num_blocks) {
 }
 
 // ---- element conversions ---------------------------------------------------------------------
+// Written branch-free (selects instead of ifs) so that the compiler vectorizes the row loops at
+// the baseline ISA; results are bit-identical to common.h's to_float/from_float and to torch.
+
+// Local min/max: std::min/std::max are compiled outside the optimize pragma above, and GCC does
+// not inline across differing options, which would leave a call in every vector loop.
+template <typename T> inline T kmin(T a, T b) { return b < a ? b : a; }
+template <typename T> inline T kmax(T a, T b) { return a < b ? b : a; }
+
+inline uint32_t f2u(float f) { uint32_t u; std::memcpy(&u, &f, sizeof(u)); return u; }
+inline float u2f(uint32_t u) { float f; std::memcpy(&f, &u, sizeof(f)); return f; }
+
+// Adding and removing 1.5 * 2^23 rounds a float with |x| < 2^22 to an integer, half to even,
+// without a libm call (nearbyint is a function call on baseline x86-64 and blocks vectorizing).
+inline float round_half_even(float x) {
+  constexpr float kMagic = 12582912.0f;
+  return (x + kMagic) - kMagic;
+}
+
+inline float load(float x) { return x; }
+inline float load(bf16_t x) { return u2f(static_cast<uint32_t>(x.bits) << 16); }
+inline float load(f16_t x) {
+  const uint32_t h = x.bits;
+  const uint32_t sign = (h & 0x8000u) << 16;
+  const uint32_t em = (h & 0x7fffu) << 13;
+  // 2^112 moves the exponent bias from 15 to 127; for subnormal halves em is a float32
+  // subnormal and the same product normalises it exactly
+  const float finite = u2f(em) * 5.192296858534828e33f;
+  // inf, or NaN with its payload and the quiet bit set (as the hardware conversion torch uses)
+  const float special = u2f(em | 0x7f800000u | ((h & 0x3ffu) ? 0x400000u : 0u));
+  return u2f(f2u((h & 0x7c00u) == 0x7c00u ? special : finite) | sign);
+}
+
+template <typename T> inline T store(float f);
+template <> inline float store<float>(float f) { return f; }
+template <> inline bf16_t store<bf16_t>(float f) {
+  const uint32_t u = f2u(f);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;  // nearest even
+  const uint32_t nan = (u >> 16) | 0x40u;                           // quiet NaN, sign kept
+  return bf16_t{static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded)};
+}
+template <> inline f16_t store<f16_t>(float f) { return from_float<f16_t>(f); }
+
+// |x| as an unsigned integer of the storage width: for non-negative floats the bit patterns
+// order like the values, so an integer max finds the absolute maximum (and inf/NaN sort above
+// every finite value, which is how non-finite groups are detected).
+inline uint32_t abs_bits(float x) { return f2u(x) & 0x7fffffffu; }
+inline uint16_t abs_bits(bf16_t x) { return static_cast<uint16_t>(x.bits & 0x7fffu); }
+inline uint16_t abs_bits(f16_t x) { return static_cast<uint16_t>(x.bits & 0x7fffu); }
+template <typename T> struct AbsBits;
+template <> struct AbsBits<float> { using type = uint32_t; static constexpr uint32_t kInf = 0x7f800000u; };
+template <> struct AbsBits<bf16_t> { using type = uint16_t; static constexpr uint32_t kInf = 0x7f80u; };
+template <> struct AbsBits<f16_t> { using type = uint16_t; static constexpr uint32_t kInf = 0x7c00u; };
+inline float from_abs_bits(uint32_t b, float*) { return u2f(b); }
+inline float from_abs_bits(uint32_t b, bf16_t*) { return load(bf16_t{static_cast<uint16_t>(b)}); }
+inline float from_abs_bits(uint32_t b, f16_t*) { return load(f16_t{static_cast<uint16_t>(b)}); }
 
 // float -> fp8 e4m3fn (bias 7, no infinities, 0x7f/0xff = NaN, max 448), rounding to nearest
 // even like torch's float8_e4m3fn cast, including its edge cases: |x| >= 480, inf and NaN give
 // NaN, and (448, 464] rounds down to 448 while (464, 480) rounds up into the NaN code.
 inline uint8_t fp8e4m3_from_float(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
-  const uint8_t sign = static_cast<uint8_t>((u >> 24) & 0x80u);
-  const uint32_t a = u & 0x7fffffffu;
-  if (a >= 0x43f00000u) return sign | 0x7f;  // 480.0f and beyond (inf, NaN)
-  if (a < 0x3c800000u) {                     // below 2^-6: the subnormal grid of step 2^-9
-    // |f| * 512 is exact (power of two) and < 8; rint rounds half to even in the default mode.
-    // 8 rounds up to code 0x08, which is exactly the smallest normal 2^-6.
-    float m;
-    std::memcpy(&m, &a, sizeof(m));
-    return sign | static_cast<uint8_t>(std::nearbyint(m * 512.0f));
-  }
-  // Normal: drop 20 of the 23 mantissa bits with round-to-nearest-even (a carry into the
-  // exponent is the correct result), then move the exponent bias from 127 to 7.
-  const uint32_t r = a + 0x7ffffu + ((a >> 20) & 1u);
-  return sign | static_cast<uint8_t>((r >> 20) - ((127u - 7u) << 3));
+  const uint32_t u = f2u(f);
+  const uint32_t sign = (u >> 24) & 0x80u;
+  const int32_t a = static_cast<int32_t>(u & 0x7fffffffu);  // < 2^31: signed compares are exact
+  // below 2^-6 the grid is the subnormal step 2^-9: |f| * 512 is exact and rounds to 0..8,
+  // where 8 is code 0x08, exactly the smallest normal (the integer min() keeps the lanes that
+  // take the normal path, inf and NaN included, small and finite)
+  const float sub_f = round_half_even(u2f(static_cast<uint32_t>(kmin(a, 0x3c800000))) * 512.0f);
+  const int32_t sub = static_cast<int32_t>(sub_f);
+  // normal: drop 20 of the 23 mantissa bits rounding to nearest even (a carry into the exponent
+  // is the right result), then move the exponent bias from 127 to 7
+  const uint32_t ua = static_cast<uint32_t>(a);  // unsigned: the rounding add may pass 2^31
+  const int32_t nrm = static_cast<int32_t>(((ua + 0x7ffffu + ((ua >> 20) & 1u)) >> 20) - ((127u - 7u) << 3));
+  int32_t r = a < 0x3c800000 ? sub : nrm;
+  r = a >= 0x43f00000 ? 0x7f : r;  // 480.0f and beyond (inf, NaN)
+  return static_cast<uint8_t>(static_cast<uint32_t>(r) | sign);
 }
 
-inline float fp8e4m3_to_float_slow(uint8_t b) {
-  const uint32_t e = (b >> 3) & 0xfu, m = b & 7u;
-  float v;
-  if (e == 0xf && m == 7) v = std::numeric_limits<float>::quiet_NaN();
-  else if (e == 0) v = std::ldexp(static_cast<float>(m), -9);
-  else v = std::ldexp(1.0f + static_cast<float>(m) / 8.0f, static_cast<int>(e) - 7);
-  return (b & 0x80) ? -v : v;
-}
-
-// 256-entry decode table: dequantization is one load per element.
-inline const float* fp8e4m3_table() {
-  static const std::vector<float> table = [] {
-    std::vector<float> t(256);
-    for (int i = 0; i < 256; ++i) t[i] = fp8e4m3_to_float_slow(static_cast<uint8_t>(i));
-    return t;
-  }();
-  return table.data();
+inline float fp8e4m3_to_float(uint8_t b) {
+  const uint32_t m = b & 0x7fu;
+  // e4m3 bits moved to the top of a float32 and scaled by 2^120 (bias 127 -> 7); a subnormal
+  // e4m3 becomes a float32 subnormal and the same product is exact
+  const float v = u2f(m << 20) * 1.329227995784916e36f;
+  const float r = m == 0x7fu ? std::numeric_limits<float>::quiet_NaN() : v;
+  return u2f(f2u(r) | (static_cast<uint32_t>(b & 0x80u) << 24));
 }
 
 // Copy n elements with a dtype change (memcpy when the types agree).
 template <typename S, typename D>
-inline void convert_row(const S* src, D* dst, int64_t n) {
+DISAGG_KV_ROW void convert_row(const S* src, D* dst, int64_t n) {
   if constexpr (std::is_same<S, D>::value) {
     std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(S));
   } else {
-    for (int64_t i = 0; i < n; ++i) dst[i] = from_float<D>(to_float(src[i]));
+    for (int64_t i = 0; i < n; ++i) dst[i] = store<D>(load(src[i]));
   }
 }
 
@@ -191,14 +251,28 @@ inline QuantParams quant_params(Quant q, float amax) {
   return {amax / qmax, qmax / amax};
 }
 
-inline uint8_t quantize(Quant q, float x, float inv) {
-  const float y = x * inv;
+template <typename T>
+DISAGG_KV_ROW void quantize_row(Quant q, const T* src, uint8_t* dst, int64_t n, float inv) {
   if (q == Quant::kInt8) {
-    // |y| <= 127 up to one float rounding of inv; the clamp keeps it in range
-    const float r = std::min(127.0f, std::max(-127.0f, std::nearbyint(y)));
-    return static_cast<uint8_t>(static_cast<int8_t>(r));
+    // |x * inv| <= 127 up to one rounding of inv, so the rounded value fits an int32 and the
+    // clamp (in integers, cheaper than float compares) only catches a hair above 127
+    for (int64_t i = 0; i < n; ++i) {
+      const int32_t r = static_cast<int32_t>(round_half_even(load(src[i]) * inv));
+      dst[i] = static_cast<uint8_t>(static_cast<int8_t>(kmin(127, kmax(-127, r))));
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = fp8e4m3_from_float(load(src[i]) * inv);
   }
-  return fp8e4m3_from_float(y);
+}
+
+template <typename T>
+DISAGG_KV_ROW void dequantize_row(Quant q, const uint8_t* src, T* dst, int64_t n, float scale) {
+  if (q == Quant::kInt8) {
+    for (int64_t i = 0; i < n; ++i)
+      dst[i] = store<T>(static_cast<float>(static_cast<int8_t>(src[i])) * scale);
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = store<T>(fp8e4m3_to_float(src[i]) * scale);
+  }
 }
 
 // ---- pack ------------------------------------------------------------------------------------
@@ -242,7 +316,7 @@ Status pack_cpu(const T* const* layers, const Idx* table, int64_t table_len, con
   for (int64_t it = 0; it < items; ++it) {
     const int64_t l = it / (2 * nblk), c = (it / nblk) % 2, j = it % nblk;
     const T* base = layers[l] + cache_offset(g, static_cast<int64_t>(table[j]), c, 0, p.head_start);
-    const int64_t t0 = j * bs, nt = std::min(bs, p.num_tokens - t0);
+    const int64_t t0 = j * bs, nt = kmin(bs, p.num_tokens - t0);
     const int64_t first = ((l * 2 + c) * p.num_tokens + t0) * row;  // payload element index
     if (p.quant == Quant::kNone) {
       T* dst = reinterpret_cast<T*>(payload) + first;
@@ -262,31 +336,27 @@ Status pack_cpu(const T* const* layers, const Idx* table, int64_t table_len, con
     // Quantized: one scale per (block, head) from the block's absolute maximum.
     uint8_t* dst = payload + first;
     float* sc = scales + ((l * 2 + c) * nblk + j) * Hc;
+    using Bits = typename AbsBits<T>::type;
     for (int64_t h = 0; h < Hc; ++h) {
-      float amax = 0.0f;
-      bool finite = true;
+      Bits mx = 0;
       for (int64_t o = 0; o < nt; ++o) {
         const T* src = base + o * g.stride_token + h * g.stride_head;
-        for (int64_t d = 0; d < D; ++d) {
-          const float a = std::fabs(to_float(src[d]));
-          finite &= a <= 3.4028235e38f;  // false for inf and NaN
-          amax = std::max(amax, a);
-        }
+        for (int64_t d = 0; d < D; ++d) mx = kmax(mx, abs_bits(src[d]));
       }
-      const QuantParams qp = quant_params(p.quant, amax);
+      const bool finite = mx < AbsBits<T>::kInf;
+      const QuantParams qp = quant_params(p.quant, from_abs_bits(mx, static_cast<T*>(nullptr)));
       sc[h] = finite ? qp.scale : std::numeric_limits<float>::quiet_NaN();  // flagged below
-      for (int64_t o = 0; o < nt; ++o) {
-        const T* src = base + o * g.stride_token + h * g.stride_head;
-        uint8_t* q = dst + o * row + h * D;
-        for (int64_t d = 0; d < D; ++d) q[d] = quantize(p.quant, to_float(src[d]), qp.inv);
-      }
+      if (!finite) continue;
+      for (int64_t o = 0; o < nt; ++o)
+        quantize_row(p.quant, base + o * g.stride_token + h * g.stride_head, dst + o * row + h * D,
+                     D, qp.inv);
     }
   }
   if (p.quant != Quant::kNone) {
     // non-finite values have no meaningful scale: report instead of sending garbage
     const int64_t ns = p.num_layers * 2 * nblk * Hc;
     for (int64_t i = 0; i < ns; ++i)
-      if (std::isnan(scales[i])) return Status::kInvalidArgument;
+      if (scales[i] != scales[i])  /* NaN */ return Status::kInvalidArgument;
   }
   return Status::kOk;
 }
@@ -313,7 +383,6 @@ Status unpack_cpu(const uint8_t* buf, const BufferHeader& hdr, T* const* layers,
   const P* payload = reinterpret_cast<const P*>(buf + hdr.payload_offset);
   const float* scales = reinterpret_cast<const float*>(buf + hdr.scales_offset);
   const int64_t sgroup = hdr.scale_group, ngroups = quant == Quant::kNone ? 0 : ceil_div(T_, sgroup);
-  const float* fp8 = fp8e4m3_table();
   const bool heads_contig = g.stride_head == D;
   const bool block_contig = heads_contig && Hc == g.num_heads && g.stride_token == g.num_heads * D;
   const int64_t items = hdr.num_layers * 2 * nblk;
@@ -321,7 +390,7 @@ Status unpack_cpu(const uint8_t* buf, const BufferHeader& hdr, T* const* layers,
   for (int64_t it = 0; it < items; ++it) {
     const int64_t l = it / (2 * nblk), c = (it / nblk) % 2, j = it % nblk;
     T* base = layers[l] + cache_offset(g, static_cast<int64_t>(table[j]), c, 0, p.head_start);
-    const int64_t t0 = j * bs, nt = std::min(bs, T_ - t0);
+    const int64_t t0 = j * bs, nt = kmin(bs, T_ - t0);
     const P* src = payload + ((l * 2 + c) * T_ + t0) * row;
     if (quant == Quant::kNone) {
       if (block_contig) {
@@ -342,13 +411,7 @@ Status unpack_cpu(const uint8_t* buf, const BufferHeader& hdr, T* const* layers,
       for (int64_t h = 0; h < Hc; ++h) {
         const uint8_t* qr = q + o * row + h * D;
         T* dst = base + o * g.stride_token + h * g.stride_head;
-        const float scale = s[h];
-        if (quant == Quant::kInt8) {
-          for (int64_t d = 0; d < D; ++d)
-            dst[d] = from_float<T>(static_cast<float>(static_cast<int8_t>(qr[d])) * scale);
-        } else {
-          for (int64_t d = 0; d < D; ++d) dst[d] = from_float<T>(fp8[qr[d]] * scale);
-        }
+        dequantize_row(quant, qr, dst, D, s[h]);
       }
     }
   }
@@ -414,3 +477,7 @@ Status compact_cpu(T* const* layers, int64_t num_layers, const CacheGeom& g, con
 
 }  // namespace kv
 }  // namespace disagg
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif

@@ -9,8 +9,8 @@ _load_extension()
 
 from . import _fake  # noqa: E402,F401  (register_fake for every op)
 from . import ops  # noqa: E402
+from .moe import EPDispatcher, MoERouter  # noqa: E402
 from .kv import OutOfBlocksError, PagedKVCache  # noqa: E402
-# MOE_IMPORT
 from .engine import SamplingParams  # noqa: E402
 from .llm import LLM  # noqa: E402
 

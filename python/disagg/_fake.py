@@ -80,6 +80,35 @@ def _kv_compact_fake(caches, block_table, src_positions, dst_start, layout="NHD"
 # ---- Token trees ---------------------------------------------------------------------------
 
 
+def _tree_bn(parents):
+    torch._check(parents.dim() == 2, lambda: "disagg.tree: parents must be 2-D [B, N]")
+    return parents.shape[0], parents.shape[1]
+
+
+@register_fake("disagg::tree_build")
+def _tree_build_fake(parents, num_nodes, max_depth=-1):
+    B, N = _tree_bn(parents)
+    D = N if max_depth < 0 else max_depth + 1
+    mk = lambda *s: parents.new_empty(s, dtype=torch.int32)  # noqa: E731
+    return mk(B, N), mk(B, N, (N + 31) // 32), mk(B, N), mk(B, N), mk(B, N, D), mk(B)
+
+
+def _tree_verify_outputs(parents):
+    B, N = _tree_bn(parents)
+    mk = lambda *s: parents.new_empty(s, dtype=torch.int32)  # noqa: E731
+    return mk(B, N), mk(B), mk(B)
+
+
+@register_fake("disagg::tree_verify_greedy")
+def _tree_verify_greedy_fake(logits, tokens, parents, num_nodes):
+    return _tree_verify_outputs(parents)
+
+
+@register_fake("disagg::tree_verify_sample")
+def _tree_verify_sample_fake(logits, tokens, parents, num_nodes, temperature, top_k, top_p, seed,
+                             offset, draft_probs=None):
+    return _tree_verify_outputs(parents)
+
 # ---- Attention -----------------------------------------------------------------------------
 
 

@@ -73,7 +73,9 @@ def route(
 
     Notes
     -----
-    Ties go to the lower expert index. NaN logits count as ``-inf``. Softmax over a row whose
+    Without ``bias`` and groups, experts are ranked by their logits (the order of the scores,
+    without the ties exp underflow would create); otherwise by score + bias. Ties go to the
+    lower expert index. NaN logits count as ``-inf``. Softmax over a row whose
     maximum is ``+inf`` shares 1 equally among the ``+inf`` entries; a row with no entry above
     ``-inf`` scores all zeros (its top-k are then chosen by bias and index, with weight 0).
     """
@@ -296,6 +298,152 @@ def kv_compact(
     ``src_positions`` are allowed.
     """
     _ops.kv_compact(caches, block_table, src_positions, dst_start, layout)
+
+# ---- Token trees ---------------------------------------------------------------------------
+
+
+class TreeBuildOutput(NamedTuple):
+    depth: torch.Tensor  # [B, N] int32, root 0, -1 for padding nodes
+    mask: torch.Tensor  # [B, N, ceil(N/32)] int32 bit words: bit j of row i = j is i or an ancestor
+    first_child: torch.Tensor  # [B, N] int32, -1 = none / padding
+    next_sibling: torch.Tensor  # [B, N] int32, -1 = none / padding
+    leaf_paths: torch.Tensor  # [B, N, D] int32, row k = root-to-leaf nodes of the k-th leaf
+    num_leaves: torch.Tensor  # [B] int32
+
+
+class TreeVerifyOutput(NamedTuple):
+    accepted: torch.Tensor  # [B, N] int32 node indices along the accepted path, root first, -1 padded
+    accept_len: torch.Tensor  # [B] int32 entries of accepted (>= 1: the root counts)
+    bonus: torch.Tensor  # [B] int32 the target's token after the last accepted node
+
+
+def _full_num_nodes(parents: torch.Tensor, num_nodes: Optional[torch.Tensor]) -> torch.Tensor:
+    if num_nodes is not None:
+        return num_nodes
+    return torch.full((parents.shape[0],), parents.shape[1], dtype=torch.int32,
+                      device=parents.device)
+
+
+def tree_build(parents: torch.Tensor, num_nodes: Optional[torch.Tensor] = None, *,
+               max_depth: int = -1) -> TreeBuildOutput:
+    """Traversal structures and the tree attention mask of a batch of draft trees.
+
+    Parameters
+    ----------
+    parents : Tensor [B, N] int32 or int64
+        ``parents[b, 0] == -1`` (node 0 is the root: the last accepted token) and
+        ``0 <= parents[b, i] < i`` for ``0 < i < num_nodes[b]``. Entries past ``num_nodes[b]`` are
+        padding and are ignored.
+    num_nodes : Tensor [B] int, optional
+        Nodes of each request's tree, ``1 <= num_nodes[b] <= N`` (default: N for all).
+    max_depth : int
+        Bound on the depth of a leaf; sets ``D = max_depth + 1`` columns of ``leaf_paths``.
+        ``-1`` uses ``D = N``, which always fits but costs ``B*N*N`` int32.
+
+    Returns
+    -------
+    TreeBuildOutput
+        ``depth`` (positions are context length + depth), ``mask`` (bit ``j % 32`` of word
+        ``j // 32`` in row ``i`` is set iff node ``j`` is node ``i`` or an ancestor; padding rows
+        are zero; see :func:`unpack_tree_mask`), ``first_child``/``next_sibling`` (children in
+        index order), ``leaf_paths`` (leaves in index order, each row the root-to-leaf node
+        indices, -1 padded) and ``num_leaves``.
+    """
+    return TreeBuildOutput(*_ops.tree_build(parents, _full_num_nodes(parents, num_nodes), max_depth))
+
+
+def unpack_tree_mask(mask: torch.Tensor, num_nodes: int) -> torch.Tensor:
+    """``tree_build``'s bit-packed mask ``[B, N, W]`` as a boolean ``[B, N, num_nodes]`` tensor."""
+    bits = torch.arange(32, device=mask.device, dtype=torch.int32)
+    full = ((mask.unsqueeze(-1) >> bits) & 1).bool()  # [B, N, W, 32]
+    return full.flatten(-2)[..., :num_nodes]
+
+
+def tree_verify_greedy(logits: torch.Tensor, tokens: torch.Tensor, parents: torch.Tensor,
+                       num_nodes: Optional[torch.Tensor] = None) -> TreeVerifyOutput:
+    """Greedy verification of a batch of draft trees.
+
+    From the root, repeatedly move to the first child (lowest index) whose token equals the
+    target's argmax at the current node; the bonus token is the argmax where no child matches.
+    Only the logits rows of the nodes on the accepted path are read.
+
+    Parameters
+    ----------
+    logits : Tensor [B, N, V] float32/bfloat16/float16, or Tensor [B, N] int
+        Target logits at every node (row ``i`` is the next-token distribution after node ``i``),
+        or the target's argmax ids. Argmax ties go to the lower token id; NaN counts as -inf.
+    tokens : Tensor [B, N] int
+        Draft token of each node (the root's entry is not read); ``0 <= tokens < V``.
+    parents, num_nodes : see :func:`tree_build`.
+
+    Returns
+    -------
+    TreeVerifyOutput
+        ``accepted [B, N]`` (node indices from the root, -1 padded), ``accept_len [B]`` (entries
+        of ``accepted``: 1 + accepted draft tokens) and ``bonus [B]``. The new tokens of request
+        ``b`` are ``tokens[b, accepted[b, 1:accept_len[b]]]`` followed by ``bonus[b]``.
+    """
+    return TreeVerifyOutput(*_ops.tree_verify_greedy(logits, tokens, parents,
+                                                      _full_num_nodes(parents, num_nodes)))
+
+
+def _per_request(x, B: int, dtype: torch.dtype, device) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x if x.dim() == 1 else x.expand(B)
+    return torch.full((B,), x, dtype=dtype, device=device)
+
+
+def tree_verify_sample(logits: torch.Tensor, tokens: torch.Tensor, parents: torch.Tensor,
+                       num_nodes: Optional[torch.Tensor] = None, *, temperature=1.0, top_k=0,
+                       top_p=1.0, seed=0, offset=0,
+                       draft_probs: Optional[torch.Tensor] = None) -> TreeVerifyOutput:
+    """Lossless verification of a batch of draft trees by speculative sampling.
+
+    The tokens this returns are distributed exactly as sampling from the target one token at a
+    time with the same temperature / top-k / top-p. At each visited node the target distribution
+    ``p`` is ``softmax(top_k(logits / temperature))`` restricted to top-p and renormalised; the
+    node's children are tried in index order:
+
+    * deterministic drafts (``draft_probs=None``: top-k expansions, n-gram, any proposal): child
+      token ``x`` is accepted with probability ``p(x) / (mass not yet rejected)``; a rejected
+      token leaves ``p``. Repeated sibling tokens are handled (a repeat is always rejected).
+    * stochastic drafts (children drawn i.i.d. from ``draft_probs[b, parent]``): accept ``x`` with
+      probability ``min(1, p(x) / q(x))``, else ``p := normalise(max(p - q, 0))`` (SpecInfer).
+
+    When all children are rejected (or at a leaf) the bonus token is sampled from the remaining
+    ``p``. ``temperature == 0`` gives exactly :func:`tree_verify_greedy`'s result.
+
+    Parameters
+    ----------
+    logits : Tensor [B, N, V] float32/bfloat16/float16
+        Target logits at every node; only the rows of visited nodes are read.
+    tokens, parents, num_nodes : see :func:`tree_verify_greedy`.
+    temperature : float or Tensor [B]
+        ``>= 0``; 0 is greedy.
+    top_k : int or Tensor [B]
+        Keep the ``top_k`` largest logits (ties to the lower id); 0 disables.
+    top_p : float or Tensor [B]
+        In ``(0, 1]``: keep the smallest most-probable set whose mass reaches ``top_p``; 1 disables.
+    seed, offset : int or Tensor [B] int64
+        Philox4x32-10 key and counter base. Draw ``k`` of request ``b`` uses counter
+        ``(offset[b], k)``; advance ``offset`` by one per call for fresh randomness. The same
+        inputs always give the same outputs (CUDA-graph friendly: no generator state).
+    draft_probs : Tensor [B, N, V] float, optional
+        Draft distribution at every node (row ``i`` = the distribution node ``i``'s children
+        were drawn from). Only rows of visited nodes are read.
+
+    Returns
+    -------
+    TreeVerifyOutput
+        As for :func:`tree_verify_greedy`.
+    """
+    B, dev = parents.shape[0], parents.device
+    return TreeVerifyOutput(*_ops.tree_verify_sample(
+        logits, tokens, parents, _full_num_nodes(parents, num_nodes),
+        _per_request(temperature, B, torch.float32, dev), _per_request(top_k, B, torch.int64, dev),
+        _per_request(top_p, B, torch.float32, dev), _per_request(seed, B, torch.int64, dev),
+        _per_request(offset, B, torch.int64, dev), draft_probs))
+
 # ---- Attention -----------------------------------------------------------------------------
 
 

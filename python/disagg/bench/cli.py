@@ -13,6 +13,7 @@ import sys
 FAMILIES = {
     "routing": "disagg.bench.routing",
     "kv": "disagg.bench.kv",
+    "tree": "disagg.bench.tree",
 }
 
 
