@@ -55,7 +55,7 @@ def bench_model(name: str, path: str, args) -> list:
 
     hf = tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     llm = LLM(path, dtype="float32", max_num_seqs=max(64, args.batch),
-              max_num_batched_tokens=max(512, args.prompt_len))
+              max_num_batched_tokens=max(2048, args.prompt_len))
     vocab = llm.engine.model.config.vocab_size
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(2, vocab, (args.batch, args.prompt_len), generator=g)

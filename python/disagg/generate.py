@@ -26,7 +26,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--ignore-eos", action="store_true")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--max-num-seqs", type=int, default=64)
-    ap.add_argument("--max-num-batched-tokens", type=int, default=512)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--no-chunked-prefill", action="store_true")
     ap.add_argument("--block-size", type=int, default=16)
     return ap.parse_args(argv)

@@ -50,7 +50,7 @@ class Engine:
     def __init__(self, model: Union[str, CausalLM] = "default", tokenizer: Optional[str] = None,
                  *, dtype: str = "auto", block_size: int = 16, num_blocks: Optional[int] = None,
                  kv_cache_bytes: int = 1 << 30, max_model_len: Optional[int] = None,
-                 max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
+                 max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  enable_chunked_prefill: bool = True):
         from ..kv import PagedKVCache
 

@@ -98,10 +98,12 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: to
     Writes the new K/V into ``cache`` and returns ``[N, Hq, D]``.
     """
     write_kv(cache, k, v, meta)
+    nd = meta.num_decode
+    if not meta.prefills:  # a pure decode step: one call, no output stitching
+        return decode_attention(q, cache, meta, scale)
     out = torch.empty_like(q)
     hq, hkv = q.shape[1], k.shape[1]
     gqa = hq != hkv
-    nd = meta.num_decode
     if nd:
         out[:nd] = decode_attention(q[:nd], cache, meta, scale)
     for c in meta.prefills:
