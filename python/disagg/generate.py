@@ -43,9 +43,13 @@ def main(argv=None) -> int:
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                             seed=args.seed, max_tokens=args.max_tokens, stop=args.stop,
                             ignore_eos=args.ignore_eos)
-    llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens,
-              enable_chunked_prefill=not args.no_chunked_prefill, block_size=args.block_size)
+    try:
+        llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+                  max_num_batched_tokens=args.max_num_batched_tokens,
+                  enable_chunked_prefill=not args.no_chunked_prefill, block_size=args.block_size)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        print(f"error: cannot load {args.model!r}: {e}", file=sys.stderr)
+        return 2
     results = []
     for out in llm.generate(prompts, params):
         r = {"prompt_token_ids": out.prompt_token_ids, "token_ids": out.outputs[0].token_ids,
