@@ -16,6 +16,8 @@ TORCH_LIBRARY(disagg, m) {
       " -> (Tensor, Tensor, Tensor, Tensor)");
   // x [T,H], src [rows] -> [rows,H] expert-ordered copy of the tokens (zero rows where src=-1)
   m.def("moe_permute(Tensor x, Tensor src, int top_k) -> Tensor");
+  // the same into a caller-owned out [rows,H] (engines keep these buffers across steps)
+  m.def("moe_permute_into(Tensor x, Tensor src, int top_k, Tensor(a!) out) -> ()");
   // y [rows,H], dest [T*k], weights [T,k] -> [T,H] weighted sum in float32
   m.def("moe_combine(Tensor y, Tensor dest, Tensor weights, ScalarType? out_dtype=None) -> Tensor");
 

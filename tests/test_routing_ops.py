@@ -205,6 +205,8 @@ def test_permute_combine_match_reference(T, E, k, H, dtype):
         lay = ops.moe_layout(r.ids, E, capacity=capacity, slots=r.slots)
         y = ops.moe_permute(x, lay.src, k)
         assert torch.equal(y, ref.moe_permute(x, lay.src, k))
+        out = torch.full_like(y, float("nan"))  # poisoned: every element must be written
+        assert torch.equal(ops.moe_permute_into(x, lay.src, k, out), y)
         y = y * 1.5 + 0.25  # "experts"
         for od in (None, torch.float32):
             out = ops.moe_combine(y, lay.dest, r.weights, out_dtype=od)
@@ -261,12 +263,13 @@ def _sample_calls():
         (torch.ops.disagg.moe_layout.default, (r.ids, 16, 2, 0, None)),
         (torch.ops.disagg.moe_layout.default, (r.ids, 16, 1, 5, r.slots)),
         (torch.ops.disagg.moe_permute.default, (x, lay.src, 2)),
+        (torch.ops.disagg.moe_permute_into.default, (x, lay.src, 2, torch.empty(66, 24))),
         (torch.ops.disagg.moe_combine.default, (y, lay.dest, r.weights, None)),
         (torch.ops.disagg.moe_combine.default, (y.half(), lay.dest, r.weights, torch.float32)),
     ]
 
 
-@pytest.mark.parametrize("i", range(7))
+@pytest.mark.parametrize("i", range(8))
 def test_opcheck(i):
     op, args = _sample_calls()[i]
     torch.library.opcheck(op, args)
@@ -317,6 +320,10 @@ def test_torch_compile_fullgraph():
     (lambda: ops.moe_permute(torch.randn(4, 8), torch.tensor([0, 8], dtype=torch.int32), 2),
      "src entries"),
     (lambda: ops.moe_permute(torch.randn(4, 8), torch.tensor([0, 1]), 2), "src must be Int"),
+    (lambda: ops.moe_permute_into(torch.randn(4, 8), torch.tensor([0, 1], dtype=torch.int32), 2,
+                                  torch.empty(3, 8)), "out must be"),
+    (lambda: ops.moe_permute_into(torch.randn(4, 8), torch.tensor([0, 1], dtype=torch.int32), 2,
+                                  torch.empty(2, 8).half()), "out must have"),
     (lambda: ops.moe_combine(torch.randn(4, 8), torch.tensor([0, 4], dtype=torch.int32),
                              torch.ones(1, 2)), "dest entries"),
     (lambda: ops.moe_combine(torch.randn(4, 8), torch.tensor([0], dtype=torch.int32),

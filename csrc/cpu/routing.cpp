@@ -152,7 +152,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_layout_cpu_op(
   return {dest, src, eoff, roff};
 }
 
-at::Tensor moe_permute_cpu_op(const at::Tensor& x, const at::Tensor& src, int64_t top_k) {
+void moe_permute_into_cpu_op(const at::Tensor& x, const at::Tensor& src, int64_t top_k,
+                             at::Tensor& out) {
   const char* op = "moe_permute";
   check_dim(x, 2, op, "x", "[T, H]");
   check_float(x, op, "x");
@@ -160,15 +161,26 @@ at::Tensor moe_permute_cpu_op(const at::Tensor& x, const at::Tensor& src, int64_
   check_dim(src, 1, op, "src", "[rows]");
   check_dtype(src, at::kInt, op, "src");
   DISAGG_CHECK_VALUE(top_k >= 1, op, "top_k must be >= 1, got ", top_k);
-  at::Tensor src_c = src.contiguous();
   const int64_t rows = src.size(0), H = x.size(1);
-  at::Tensor out = at::empty({rows, H}, x.options());
+  DISAGG_CHECK_VALUE(out.dim() == 2 && out.size(0) == rows && out.size(1) == H, op,
+                     "out must be [rows=", rows, ", H=", H, "], got ", out.sizes());
+  DISAGG_CHECK_VALUE(out.scalar_type() == x.scalar_type(), op, "out must have x's dtype ",
+                     x.scalar_type(), ", got ", out.scalar_type());
+  check_contiguous(out, op, "out");
+  at::Tensor src_c = src.contiguous();
   Status s = DISAGG_DISPATCH_FLOAT(x.scalar_type(), op, [&] {
     return moe_permute_cpu<scalar_t>(reinterpret_cast<const scalar_t*>(x.data_ptr()), x.size(0), H,
                                      x.stride(0), src_c.data_ptr<int32_t>(), rows, top_k,
                                      reinterpret_cast<scalar_t*>(out.data_ptr()));
   });
   check_status(s, op, "src entries must be in [-1, T*top_k)");
+}
+
+at::Tensor moe_permute_cpu_op(const at::Tensor& x, const at::Tensor& src, int64_t top_k) {
+  check_dim(x, 2, "moe_permute", "x", "[T, H]");
+  check_dim(src, 1, "moe_permute", "src", "[rows]");
+  at::Tensor out = at::empty({src.size(0), x.size(1)}, x.options());
+  moe_permute_into_cpu_op(x, src, top_k, out);
   return out;
 }
 
@@ -208,6 +220,7 @@ TORCH_LIBRARY_IMPL(disagg, CPU, m) {
   m.impl("route", &route_cpu_op);
   m.impl("moe_layout", &moe_layout_cpu_op);
   m.impl("moe_permute", &moe_permute_cpu_op);
+  m.impl("moe_permute_into", &moe_permute_into_cpu_op);
   m.impl("moe_combine", &moe_combine_cpu_op);
 }
 

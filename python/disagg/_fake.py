@@ -32,6 +32,11 @@ def _moe_permute_fake(x, src, top_k):
     return x.new_empty((src.shape[0], x.shape[1]))
 
 
+@register_fake("disagg::moe_permute_into")
+def _moe_permute_into_fake(x, src, top_k, out):
+    return None
+
+
 @register_fake("disagg::moe_combine")
 def _moe_combine_fake(y, dest, weights, out_dtype=None):
     return y.new_empty((weights.shape[0], y.shape[1]), dtype=out_dtype or y.dtype)

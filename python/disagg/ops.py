@@ -126,6 +126,13 @@ def moe_permute(x: torch.Tensor, src: torch.Tensor, top_k: int) -> torch.Tensor:
     return _ops.moe_permute(x, src, top_k)
 
 
+def moe_permute_into(x: torch.Tensor, src: torch.Tensor, top_k: int, out: torch.Tensor) -> torch.Tensor:
+    """:func:`moe_permute` into a caller-owned ``out [rows, H]`` (same dtype as ``x``), so a
+    serving loop reuses one buffer instead of allocating each step. Returns ``out``."""
+    _ops.moe_permute_into(x, src, top_k, out)
+    return out
+
+
 def moe_combine(
     y: torch.Tensor,
     dest: torch.Tensor,

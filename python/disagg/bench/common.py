@@ -52,15 +52,20 @@ def median_time(fn: Callable[[], object], device: torch.device, min_run_time: fl
     return timer.adaptive_autorange(min_run_time=min_run_time).median
 
 
-def copy_time(nbytes: int, device: torch.device, min_run_time: float = 0.3) -> float:
-    """Median seconds of one plain copy of ``nbytes`` (the memory-bandwidth yardstick).
+def copy_time(nbytes: int, device: torch.device, min_run_time: float = 0.3,
+              fresh: bool = False) -> float:
+    """Median seconds of one plain copy of ``nbytes`` (reads n = nbytes/2, writes n).
 
-    The copy is ``clone()``: it reads n and writes n = nbytes/2 bytes into a fresh tensor, as
-    the ops compared with it allocate their outputs (fresh large buffers cost page faults).
+    ``fresh=False``: ``copy_`` between two preallocated buffers, the memory-bandwidth roofline.
+    ``fresh=True``: a copy into a newly allocated tensor, what any op returning a new tensor
+    pays (a fresh large buffer costs page faults on the CPU).
     """
     n = max(1, nbytes // 2)
     a = torch.empty(n, dtype=torch.uint8, device=device).random_(0, 255)
-    return median_time(lambda: a.clone(), device, min_run_time)
+    if fresh:
+        return median_time(lambda: torch.empty_like(a).copy_(a), device, min_run_time)
+    b = torch.empty_like(a)
+    return median_time(lambda: b.copy_(a), device, min_run_time)
 
 
 def row(*, op: str, device: torch.device, shape: dict, dtype, median_s: float,

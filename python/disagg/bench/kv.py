@@ -83,11 +83,6 @@ def run(args) -> list[dict]:
             if not all(torch.equal(x.cpu(), y) for x, y in zip(a, b)):
                 raise AssertionError(f"kv_unpack(quant={quant}) differs from the reference")
 
-    def fresh_copy(n):
-        # a copy into a freshly allocated buffer: what any op returning a new tensor pays
-        a = torch.empty(n, dtype=torch.uint8, device=dev).random_(0, 255)
-        return median_time(lambda: torch.empty_like(a).copy_(a), dev, mrt)
-
     # ---- plain and quantized pack / unpack -------------------------------------------------
     # bytes = payload read from the caches + buffer written (and the reverse for unpack)
     t_comp_pack = {}
@@ -95,7 +90,7 @@ def run(args) -> list[dict]:
         nbuf = ops.kv_pack_nbytes(L, T, H, D, dtype, quant, bs)
         nbytes = payload + nbuf
         t_copy = copy_time(nbytes, dev, mrt)
-        t_fresh = fresh_copy(nbuf)
+        t_fresh = copy_time(2 * nbuf, dev, mrt, fresh=True)
         base = "index_select+cat per layer" + ("" if quant == "none" else "+quantize")
         t_comp_pack[quant] = median_time(lambda: _composite_pack(src, table, quant), dev, mrt)
         tag = "" if quant == "none" else f"[{quant}]"

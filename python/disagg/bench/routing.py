@@ -82,11 +82,22 @@ def _permute_rows(args, device, dtype):
         elt = x.element_size()
         nbytes = 2 * src.numel() * H * elt  # read + write every row
         t_copy = copy_time(nbytes, device, args.min_run_time)
+        t_fresh = copy_time(nbytes, device, args.min_run_time, fresh=True)
         t_op = median_time(lambda: ops.moe_permute(x, src, k), device, args.min_run_time)
         t_base = median_time(lambda: x.index_select(0, token_idx), device, args.min_run_time)
         rows.append(row(op="moe_permute", device=device, shape=dict(T=T, k=k, H=H), dtype=dtype,
                         median_s=t_op, nbytes=nbytes, copy_s=t_copy,
+                        fresh_buffer_copy_ratio=t_fresh / t_op,
                         baseline="x.index_select(0, sorted_idx // k)", baseline_median_s=t_base))
+
+        buf = torch.empty(src.numel(), H, dtype=dtype, device=device)
+        t_into = median_time(lambda: ops.moe_permute_into(x, src, k, buf), device, args.min_run_time)
+        rows.append(row(op="moe_permute_into", device=device, shape=dict(T=T, k=k, H=H),
+                        dtype=dtype, median_s=t_into, nbytes=nbytes, copy_s=t_copy,
+                        baseline="torch.index_select(x, 0, sorted_idx // k, out=buf)",
+                        baseline_median_s=median_time(
+                            lambda: torch.index_select(x, 0, token_idx, out=buf), device,
+                            args.min_run_time)))
 
         y = ops.moe_permute(x, src, k)
         dest = lay.dest
