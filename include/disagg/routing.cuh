@@ -468,6 +468,9 @@ __global__ void reroute_kernel(const T* __restrict__ logits, RouteParams p,
     __syncwarp();
     for (int j = lane; j < k; j += kWarp)
       if (tid[j] >= 0) held[tid[j]] = 0;
+    // Lanes run independently: every lane must have cleared its flag (reading the token's old
+    // ids) before lane 0 changes ids[a].
+    __syncwarp();
     if (lane == 0 && bi >= 0) {
       ids[a] = bi;
       slots[a] = cnt[bi]++;

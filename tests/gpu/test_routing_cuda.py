@@ -72,7 +72,8 @@ def test_route_dropless_matches_cpu(T, E, k, dtype, scoring):
 @pytest.mark.parametrize("overflow", ["drop", "reroute"])
 @pytest.mark.parametrize("T,E,k,cf", [(64, 8, 2, 1.0), (257, 60, 6, 1.25), (1024, 64, 8, 0.5),
                                       (33, 3, 2, 0.7), (300, 256, 8, 2.0), (4096, 256, 8, 1.0),
-                                      (2000, 1024, 8, 1.2), (600, 128, 40, 0.9)])
+                                      (2000, 1024, 8, 1.2), (600, 128, 40, 0.9),
+                                      (16384, 256, 8, 1.0)])
 def test_route_capacity_matches_cpu(T, E, k, cf, policy, overflow):
     g = torch.Generator().manual_seed(T + E + k)
     logits = torch.randn(T, E, generator=g) + torch.linspace(2, 0, E)
