@@ -20,6 +20,52 @@ TORCH_LIBRARY(disagg, m) {
   m.def("moe_combine(Tensor y, Tensor dest, Tensor weights, ScalarType? out_dtype=None) -> Tensor");
 
   // ---- Paged KV cache ----------------------------------------------------------------------
+  // caches: per-layer [num_blocks, 2, block_size, kv_heads, head_dim] (NHD) or
+  // [num_blocks, 2, kv_heads, block_size, head_dim] (HND); K at index 0 of dim 1, V at 1.
+  // A request's first num_tokens tokens, layers [layer_start, layer_end), heads
+  // [head_start, head_end) -> one uint8 buffer (64-byte header, payload, per-(block, head) scales)
+  m.def(
+      "kv_pack(Tensor[] caches, Tensor block_table, int num_tokens, int layer_start=0, "
+      "int layer_end=-1, int head_start=0, int head_end=-1, str quant='none', str layout='NHD')"
+      " -> Tensor");
+  // the same into a caller-owned buffer (registered transfer memory), out.numel() >= kv_pack_nbytes
+  m.def(
+      "kv_pack_into(Tensor[] caches, Tensor block_table, int num_tokens, Tensor(a!) out, "
+      "int layer_start=0, int layer_end=-1, int head_start=0, int head_end=-1, str quant='none', "
+      "str layout='NHD') -> ()");
+  // buffer -> caches[layer_start:], heads [head_start, head_start + heads) through block_table;
+  // any destination block size, kv_heads, dtype and layout
+  m.def(
+      "kv_unpack(Tensor buffer, Tensor(a!)[] caches, Tensor block_table, int layer_start=0, "
+      "int head_start=0, str layout='NHD') -> ()");
+  // in place, all layers: position dst_start + i <- position src_positions[i] (overlap-safe)
+  m.def(
+      "kv_compact(Tensor(a!)[] caches, Tensor block_table, Tensor src_positions, int dst_start, "
+      "str layout='NHD') -> ()");
 
   // ---- Token trees (speculative decoding) --------------------------------------------------
+  // parents [B,N] (-1 root, parent < child), num_nodes [B] -> (depth [B,N], mask [B,N,ceil(N/32)]
+  // int32 bit words (ancestor-or-self), first_child [B,N], next_sibling [B,N], leaf_paths [B,N,D]
+  // (root-to-leaf node lists, -1 padded), num_leaves [B]); D = max_depth+1, or N if max_depth=-1
+  m.def(
+      "tree_build(Tensor parents, Tensor num_nodes, int max_depth=-1)"
+      " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // logits [B,N,V] (or target ids [B,N]), tokens/parents [B,N], num_nodes [B] ->
+  // (accepted [B,N] node indices from the root, -1 padded; accept_len [B]; bonus [B]), all int32
+  m.def(
+      "tree_verify_greedy(Tensor logits, Tensor tokens, Tensor parents, Tensor num_nodes)"
+      " -> (Tensor, Tensor, Tensor)");
+  // lossless speculative sampling; per-request temperature/top_k/top_p/seed/offset [B];
+  // draft_probs [B,N,V] for stochastic drafts (SpecInfer), none for deterministic ones
+  m.def(
+      "tree_verify_sample(Tensor logits, Tensor tokens, Tensor parents, Tensor num_nodes, "
+      "Tensor temperature, Tensor top_k, Tensor top_p, Tensor seed, Tensor offset, "
+      "Tensor? draft_probs=None) -> (Tensor, Tensor, Tensor)");
+
+
+  // ---- Attention ---------------------------------------------------------------------------
+  // q [B,Hq,D], kv_cache [NB,2,bs,Hkv,D], block_tables [B,M], ctx_lens [B] -> [B,Hq,D]
+  m.def(
+      "paged_decode_attention(Tensor q, Tensor kv_cache, Tensor block_tables, Tensor ctx_lens, "
+      "float scale, int sliding_window=0) -> Tensor");
 }

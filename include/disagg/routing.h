@@ -15,50 +15,57 @@ namespace disagg {
 
 namespace detail {
 
-// Scores of one token in float: softmax or sigmoid. NaN counts as -inf. A softmax row with
-// +inf entries gives those entries equal shares of 1; a row with no finite entry above -inf
-// gives all zeros.
-template <typename T>
-inline void score_row(const T* x, int64_t E, Scoring scoring, float* out) {
-  if (scoring == Scoring::kSigmoid) {
-    for (int64_t e = 0; e < E; ++e) {
-      const float v = to_float(x[e]);
-      out[e] = std::isnan(v) ? 0.0f : 1.0f / (1.0f + std::exp(-v));
-    }
-    return;
-  }
-  float mx = -std::numeric_limits<float>::infinity();
-  for (int64_t e = 0; e < E; ++e) {
-    float v = to_float(x[e]);
-    if (std::isnan(v)) v = -std::numeric_limits<float>::infinity();
-    out[e] = v;
-    mx = std::max(mx, v);
-  }
-  if (mx == -std::numeric_limits<float>::infinity()) {
-    std::fill(out, out + E, 0.0f);
-    return;
-  }
-  if (mx == std::numeric_limits<float>::infinity()) {
-    int64_t n = 0;
-    for (int64_t e = 0; e < E; ++e) n += out[e] == mx;
-    const float share = 1.0f / static_cast<float>(n);
-    for (int64_t e = 0; e < E; ++e) out[e] = out[e] == mx ? share : 0.0f;
-    return;
-  }
-  float sum = 0.0f;
-  for (int64_t e = 0; e < E; ++e) {
-    out[e] = std::exp(out[e] - mx);
-    sum += out[e];
-  }
-  const float inv = 1.0f / sum;
-  for (int64_t e = 0; e < E; ++e) out[e] *= inv;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kPosInf = std::numeric_limits<float>::infinity();
+
+// True when experts are ranked by their logits: softmax and sigmoid are monotone, so without a
+// selection bias or groups the logit order is the score order -- minus the spurious ties that
+// exp underflow creates -- and only the k chosen scores need computing.
+inline bool ranks_by_logits(const RouteParams& p) {
+  return p.bias == nullptr && !(p.num_groups > 1 && p.topk_groups < p.num_groups);
 }
 
-// Selection scores (score + bias) with the experts of unselected groups set to -inf.
-inline void selection_row(const float* score, const RouteParams& p, float* sel, float* gscore,
-                          int32_t* gorder) {
+// Loads a row as float with NaN -> -inf; returns its maximum.
+template <typename T>
+inline float load_row(const T* x, int64_t E, float* out) {
+  float mx = kNegInf;
+  for (int64_t e = 0; e < E; ++e) {
+    const float v = to_float(x[e]);
+    out[e] = std::isnan(v) ? kNegInf : v;
+    mx = std::max(mx, out[e]);
+  }
+  return mx;
+}
+
+// Unnormalised score u(x): weights are u / Z. Softmax: exp(x - max) (a +inf maximum gives 1 to
+// the +inf entries, 0 elsewhere; a -inf maximum gives 0 everywhere). Sigmoid: sigmoid(x).
+inline float unnormalised(float x, float mx, Scoring scoring) {
+  if (scoring == Scoring::kSigmoid) return 1.0f / (1.0f + std::exp(-x));
+  if (mx == kPosInf) return x == kPosInf ? 1.0f : 0.0f;
+  if (mx == kNegInf) return 0.0f;
+  return std::exp(x - mx);
+}
+
+// Sum of u over the row: the softmax denominator (or the number of +inf entries).
+inline float unnormalised_sum(const float* xv, int64_t E, float mx, Scoring scoring) {
+  float s = 0.0f;
+  for (int64_t e = 0; e < E; ++e) s += unnormalised(xv[e], mx, scoring);
+  return s;
+}
+
+// Ranking values of one token: its logits, or (with bias/groups) score + bias with the experts
+// of unchosen groups at -inf. `xv` holds the loaded row, `mx` its maximum.
+inline void selection_row(const float* xv, float mx, const RouteParams& p, float* sel,
+                          float* gscore, int32_t* gorder, char* keep_group) {
   const int64_t E = p.num_experts;
-  for (int64_t e = 0; e < E; ++e) sel[e] = score[e] + (p.bias ? p.bias[e] : 0.0f);
+  if (ranks_by_logits(p)) {
+    std::copy(xv, xv + E, sel);
+    return;
+  }
+  const float S = p.scoring == Scoring::kSoftmax ? unnormalised_sum(xv, E, mx, p.scoring) : 1.0f;
+  const float inv = S > 0.0f ? 1.0f / S : 0.0f;
+  for (int64_t e = 0; e < E; ++e)
+    sel[e] = unnormalised(xv[e], mx, p.scoring) * inv + (p.bias ? p.bias[e] : 0.0f);
   if (p.num_groups <= 1 || p.topk_groups >= p.num_groups) return;
   const int64_t G = p.num_groups, per = E / G;
   for (int64_t g = 0; g < G; ++g) {
@@ -68,28 +75,25 @@ inline void selection_row(const float* score, const RouteParams& p, float* sel, 
       for (int64_t i = 1; i < per; ++i) m = std::max(m, s[i]);
       gscore[g] = m;
     } else {
-      float a = -std::numeric_limits<float>::infinity(), b = a;
+      float a = kNegInf, b = kNegInf;
       for (int64_t i = 0; i < per; ++i) {
         if (s[i] > a) { b = a; a = s[i]; } else if (s[i] > b) { b = s[i]; }
       }
       gscore[g] = a + b;
     }
     gorder[g] = static_cast<int32_t>(g);
+    keep_group[g] = 0;
   }
   std::partial_sort(gorder, gorder + p.topk_groups, gorder + G, [&](int32_t a, int32_t b) {
     return ranks_before(gscore[a], a, gscore[b], b);
   });
-  // Mark kept groups, mask the rest.
-  std::vector<char> keep_group(static_cast<size_t>(G), 0);
   for (int64_t i = 0; i < p.topk_groups; ++i) keep_group[gorder[i]] = 1;
   for (int64_t g = 0; g < G; ++g)
     if (!keep_group[g])
-      for (int64_t i = 0; i < per; ++i) sel[g * per + i] = -std::numeric_limits<float>::infinity();
+      for (int64_t i = 0; i < per; ++i) sel[g * per + i] = kNegInf;
 }
 
-// Indices of the k best entries of sel (ties to the lower index), best first. Masked experts
-// (-inf because their group was not chosen) come last, so they are only picked when k exceeds
-// the experts of the chosen groups.
+// Indices of the k best entries of sel (ties to the lower index), best first.
 inline void topk_row(const float* sel, int64_t E, int64_t k, int32_t* idx, int32_t* scratch) {
   if (k <= 16) {
     int64_t n = 0;
@@ -110,6 +114,31 @@ inline void topk_row(const float* sel, int64_t E, int64_t k, int32_t* idx, int32
     return ranks_before(sel[a], a, sel[b], b);
   });
   std::copy(scratch, scratch + k, idx);
+}
+
+// One pass over a row for the common case (ranking by logits, k <= 16): load, NaN -> -inf and
+// insertion into the running top-k, with the k-th value kept in a register so that most experts
+// cost a single compare. Equal values keep the earlier (lower) index ahead.
+template <typename T>
+inline void topk_logits_row(const T* x, int64_t E, int64_t k, float* vals, int32_t* idx) {
+  int64_t n = 0;
+  float worst = kNegInf;
+  for (int64_t e = 0; e < E; ++e) {
+    float v = to_float(x[e]);
+    if (std::isnan(v)) v = kNegInf;
+    if (n == k) {
+      if (!(v > worst)) continue;
+    }
+    int64_t pos = (n < k) ? n++ : k - 1;
+    while (pos > 0 && v > vals[pos - 1]) {
+      vals[pos] = vals[pos - 1];
+      idx[pos] = idx[pos - 1];
+      --pos;
+    }
+    vals[pos] = v;
+    idx[pos] = static_cast<int32_t>(e);
+    worst = vals[n - 1];
+  }
 }
 
 }  // namespace detail
@@ -134,25 +163,51 @@ Status route_cpu(const T* logits, const RouteParams& p, float* weights, int32_t*
   if (E < 1 || k < 1 || k > E) return Status::kInvalidArgument;
   if (p.num_groups < 1 || E % p.num_groups != 0 || p.topk_groups < 1 || p.topk_groups > p.num_groups)
     return Status::kInvalidArgument;
-  // Per-token normaliser of the weights, kept for rerouting.
-  std::vector<float> denom(static_cast<size_t>(Tn), 1.0f);
+  // Per-token row maximum and weight normaliser Z (weight = u / Z * scale), kept for rerouting.
+  std::vector<float> row_max(static_cast<size_t>(Tn)), norm(static_cast<size_t>(Tn));
 
 #pragma omp parallel if (Tn * E > 32768)
   {
-    std::vector<float> score(E), sel(E), gscore(p.num_groups);
+    std::vector<float> xv(E), sel(E), gscore(p.num_groups);
     std::vector<int32_t> gorder(p.num_groups), scratch(E), idx(k);
+    std::vector<char> keep_group(p.num_groups);
+    std::vector<float> vals(k);
+    const bool fast = detail::ranks_by_logits(p) && k <= 16;
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < Tn; ++t) {
-      detail::score_row(logits + t * p.logits_row_stride, E, p.scoring, score.data());
-      detail::selection_row(score.data(), p, sel.data(), gscore.data(), gorder.data());
-      detail::topk_row(sel.data(), E, k, idx.data(), scratch.data());
-      float sum = 0.0f;
-      for (int64_t j = 0; j < k; ++j) sum += score[idx[j]];
-      const float d = (p.renormalize && sum > 0.0f) ? sum : 1.0f;
-      denom[t] = d;
+      const T* row = logits + t * p.logits_row_stride;
+      float* w = weights + t * k;
+      float mx;
+      if (fast) {  // the maximum is the first choice; the row is read once
+        detail::topk_logits_row(row, E, k, vals.data(), idx.data());
+        mx = vals[0];
+      } else {
+        mx = detail::load_row(row, E, xv.data());
+        detail::selection_row(xv.data(), mx, p, sel.data(), gscore.data(), gorder.data(),
+                              keep_group.data());
+        detail::topk_row(sel.data(), E, k, idx.data(), scratch.data());
+        for (int64_t j = 0; j < k; ++j) vals[j] = xv[idx[j]];
+      }
+      float chosen = 0.0f;
+      for (int64_t j = 0; j < k; ++j) {
+        w[j] = detail::unnormalised(vals[j], mx, p.scoring);
+        chosen += w[j];
+      }
+      float z;
+      if (p.renormalize) {
+        z = chosen;
+      } else if (p.scoring == Scoring::kSoftmax) {
+        if (fast) detail::load_row(row, E, xv.data());
+        z = detail::unnormalised_sum(xv.data(), E, mx, p.scoring);
+      } else {
+        z = 1.0f;
+      }
+      if (!(z > 0.0f)) z = 1.0f;  // a row with no mass keeps zero weights
+      row_max[t] = mx;
+      norm[t] = z;
       for (int64_t j = 0; j < k; ++j) {
         ids[t * k + j] = idx[j];
-        weights[t * k + j] = score[idx[j]] / d * p.routed_scaling_factor;
+        w[j] = w[j] / z * p.routed_scaling_factor;
       }
     }
   }
@@ -204,16 +259,19 @@ Status route_cpu(const T* logits, const RouteParams& p, float* weights, int32_t*
   }
 
   if (p.overflow == Overflow::kReroute && !dropped.empty()) {
-    std::vector<float> score(E), sel(E), gscore(p.num_groups);
+    std::vector<float> xv(E), sel(E), gscore(p.num_groups);
     std::vector<int32_t> gorder(p.num_groups), cand(E);
+    std::vector<char> keep_group(p.num_groups);
+    const bool grouped = p.num_groups > 1 && p.topk_groups < p.num_groups;
     int64_t cached_token = -1;
     for (int64_t a : dropped) {
       const int64_t t = a / k;
       if (t != cached_token) {
-        detail::score_row(logits + t * p.logits_row_stride, E, p.scoring, score.data());
-        detail::selection_row(score.data(), p, sel.data(), gscore.data(), gorder.data());
+        const float mx = detail::load_row(logits + t * p.logits_row_stride, E, xv.data());
+        detail::selection_row(xv.data(), mx, p, sel.data(), gscore.data(), gorder.data(),
+                              keep_group.data());
         std::iota(cand.begin(), cand.end(), 0);
-        std::stable_sort(cand.begin(), cand.end(), [&](int32_t x, int32_t y) {
+        std::sort(cand.begin(), cand.end(), [&](int32_t x, int32_t y) {
           return ranks_before(sel[x], x, sel[y], y);
         });
         cached_token = t;
@@ -221,9 +279,7 @@ Status route_cpu(const T* logits, const RouteParams& p, float* weights, int32_t*
       int32_t chosen = -1;
       for (int64_t r = 0; r < E && chosen < 0; ++r) {
         const int32_t e = cand[r];
-        if (sel[e] == -std::numeric_limits<float>::infinity() && p.num_groups > 1 &&
-            p.topk_groups < p.num_groups)
-          break;  // outside the chosen groups
+        if (grouped && sel[e] == detail::kNegInf) break;  // the rest lie outside the chosen groups
         if (counts[e] >= C) continue;
         bool held = false;
         for (int64_t j = 0; j < k; ++j) held |= (ids[t * k + j] == e);
@@ -232,7 +288,8 @@ Status route_cpu(const T* logits, const RouteParams& p, float* weights, int32_t*
       if (chosen >= 0) {
         ids[a] = chosen;
         slots[a] = counts[chosen]++;
-        weights[a] = score[chosen] / denom[t] * p.routed_scaling_factor;
+        weights[a] = detail::unnormalised(xv[chosen], row_max[t], p.scoring) / norm[t] *
+                     p.routed_scaling_factor;
       }
     }
   }

@@ -9,8 +9,12 @@ _load_extension()
 
 from . import _fake  # noqa: E402,F401  (register_fake for every op)
 from . import ops  # noqa: E402
-# MOE_IMPORT
+from .moe import EPDispatcher, MoERouter  # noqa: E402
+from .kv import OutOfBlocksError, PagedKVCache  # noqa: E402
+from .engine import SamplingParams  # noqa: E402
+from .llm import LLM  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "MoERouter", "EPDispatcher", "__version__"]
+__all__ = ["ops", "MoERouter", "EPDispatcher", "PagedKVCache", "OutOfBlocksError", "LLM",
+           "SamplingParams", "__version__"]

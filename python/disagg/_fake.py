@@ -40,4 +40,79 @@ def _moe_combine_fake(y, dest, weights, out_dtype=None):
 # ---- Paged KV cache ------------------------------------------------------------------------
 
 
+def _kv_geometry(caches, layout):
+    c0 = caches[0]
+    torch._check(c0.dim() == 5, lambda: "disagg.kv: caches must be 5-D")
+    if layout == "HND":
+        return c0.shape[3], c0.shape[2], c0.shape[4]  # block_size, heads, head_dim
+    return c0.shape[2], c0.shape[3], c0.shape[4]
+
+
+@register_fake("disagg::kv_pack")
+def _kv_pack_fake(caches, block_table, num_tokens, layer_start=0, layer_end=-1, head_start=0,
+                  head_end=-1, quant="none", layout="NHD"):
+    from .ops import kv_pack_nbytes
+
+    bs, heads, dim = _kv_geometry(caches, layout)
+    nl = (len(caches) if layer_end < 0 else layer_end) - layer_start
+    nh = (heads if head_end < 0 else head_end) - head_start
+    n = kv_pack_nbytes(nl, num_tokens, nh, dim, caches[0].dtype, quant, bs)
+    return caches[0].new_empty((n,), dtype=torch.uint8)
+
+
+@register_fake("disagg::kv_pack_into")
+def _kv_pack_into_fake(caches, block_table, num_tokens, out, layer_start=0, layer_end=-1,
+                       head_start=0, head_end=-1, quant="none", layout="NHD"):
+    return None
+
+
+@register_fake("disagg::kv_unpack")
+def _kv_unpack_fake(buffer, caches, block_table, layer_start=0, head_start=0, layout="NHD"):
+    return None
+
+
+@register_fake("disagg::kv_compact")
+def _kv_compact_fake(caches, block_table, src_positions, dst_start, layout="NHD"):
+    return None
+
+
+
 # ---- Token trees ---------------------------------------------------------------------------
+
+
+def _tree_bn(parents):
+    torch._check(parents.dim() == 2, lambda: "disagg.tree: parents must be 2-D [B, N]")
+    return parents.shape[0], parents.shape[1]
+
+
+@register_fake("disagg::tree_build")
+def _tree_build_fake(parents, num_nodes, max_depth=-1):
+    B, N = _tree_bn(parents)
+    D = N if max_depth < 0 else max_depth + 1
+    mk = lambda *s: parents.new_empty(s, dtype=torch.int32)  # noqa: E731
+    return mk(B, N), mk(B, N, (N + 31) // 32), mk(B, N), mk(B, N), mk(B, N, D), mk(B)
+
+
+def _tree_verify_outputs(parents):
+    B, N = _tree_bn(parents)
+    mk = lambda *s: parents.new_empty(s, dtype=torch.int32)  # noqa: E731
+    return mk(B, N), mk(B), mk(B)
+
+
+@register_fake("disagg::tree_verify_greedy")
+def _tree_verify_greedy_fake(logits, tokens, parents, num_nodes):
+    return _tree_verify_outputs(parents)
+
+
+@register_fake("disagg::tree_verify_sample")
+def _tree_verify_sample_fake(logits, tokens, parents, num_nodes, temperature, top_k, top_p, seed,
+                             offset, draft_probs=None):
+    return _tree_verify_outputs(parents)
+
+# ---- Attention -----------------------------------------------------------------------------
+
+
+@register_fake("disagg::paged_decode_attention")
+def _paged_decode_attention_fake(q, kv_cache, block_tables, ctx_lens, scale, sliding_window=0):
+    torch._check(q.dim() == 3, lambda: "disagg.paged_decode_attention: q must be 3-D [B, Hq, D]")
+    return torch.empty_like(q)

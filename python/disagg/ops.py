@@ -73,7 +73,9 @@ def route(
 
     Notes
     -----
-    Ties go to the lower expert index. NaN logits count as ``-inf``. Softmax over a row whose
+    Without ``bias`` and groups, experts are ranked by their logits (the order of the scores,
+    without the ties exp underflow would create); otherwise by score + bias. Ties go to the
+    lower expert index. NaN logits count as ``-inf``. Softmax over a row whose
     maximum is ``+inf`` shares 1 equally among the ``+inf`` entries; a row with no entry above
     ``-inf`` scores all zeros (its top-k are then chosen by bias and index, with weight 0).
     """
@@ -133,3 +135,345 @@ def moe_combine(
     """Weighted combine back to token order: ``out[t] = sum_j weights[t,j] * y[dest[t*k+j]]``,
     accumulated in float32; dropped assignments (``dest == -1``) contribute nothing."""
     return _ops.moe_combine(y, dest.reshape(-1), weights, out_dtype)
+
+
+# ---- Paged KV cache ------------------------------------------------------------------------
+
+KV_QUANTS = ("none", "int8", "fp8_e4m3")
+_KV_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # header dtype codes 0, 1, 2
+_KV_MAGIC = 0x564B4744  # "DGKV"
+_KV_HEADER = "<IHHBBBBiiiiiiiqqq"  # see include/disagg/kv.h, struct BufferHeader (64 bytes)
+KV_HEADER_BYTES = 64
+
+
+class KVBufferInfo(NamedTuple):
+    """What a ``kv_pack`` buffer's header says about it."""
+
+    dtype: torch.dtype  # the sender's cache dtype
+    quant: str  # "none", "int8" or "fp8_e4m3"
+    num_layers: int
+    num_tokens: int
+    num_heads: int  # heads in the buffer (the packed slice)
+    head_dim: int
+    scale_group: int  # tokens per scale (the sender's block size) when quantized, else 0
+    layer_start: int  # the sender's first packed layer
+    head_start: int  # the sender's first packed head
+    nbytes: int  # the buffer's total size
+
+
+def kv_pack_nbytes(num_layers: int, num_tokens: int, num_heads: int, head_dim: int,
+                   dtype: torch.dtype, quant: str = "none", block_size: int = 1) -> int:
+    """Size in bytes of the buffer ``kv_pack`` produces for this geometry (header + payload +
+    16-byte-aligned float32 scales, one per (layer, K/V, block, head) when quantized)."""
+    elem = dtype.itemsize if quant == "none" else 1
+    payload = num_layers * 2 * num_tokens * num_heads * head_dim * elem
+    scales_at = (KV_HEADER_BYTES + payload + 15) // 16 * 16
+    groups = 0 if quant == "none" else -(-num_tokens // block_size)
+    return scales_at + num_layers * 2 * groups * num_heads * 4
+
+
+def kv_buffer_info(buffer: torch.Tensor) -> KVBufferInfo:
+    """Read the header of a ``kv_pack`` buffer (the op checks it in full when unpacking)."""
+    import struct
+
+    if buffer.dtype != torch.uint8 or buffer.dim() != 1 or buffer.numel() < KV_HEADER_BYTES:
+        raise ValueError("disagg.kv_buffer_info: buffer must be a 1-D uint8 tensor from kv_pack "
+                         f"(at least {KV_HEADER_BYTES} bytes), got {buffer.dtype} {tuple(buffer.shape)}")
+    raw = bytes(buffer[:KV_HEADER_BYTES].cpu().tolist())
+    (magic, version, _hb, dt, q, _eb, _r, layers, tokens, heads, dim, group, l0, h0, _po, _so,
+     total) = struct.unpack(_KV_HEADER, raw)
+    if magic != _KV_MAGIC:
+        raise ValueError("disagg.kv_buffer_info: buffer does not start with the kv_pack magic")
+    if version != 1 or dt > 2 or q > 2:
+        raise ValueError(f"disagg.kv_buffer_info: unsupported buffer (version {version}, dtype "
+                         f"code {dt}, quant code {q})")
+    return KVBufferInfo(_KV_DTYPES[dt], KV_QUANTS[q], layers, tokens, heads, dim, group, l0, h0,
+                        total)
+
+
+def kv_pack(
+    caches: list,
+    block_table: torch.Tensor,
+    num_tokens: int,
+    *,
+    layer_start: int = 0,
+    layer_end: int = -1,
+    head_start: int = 0,
+    head_end: int = -1,
+    quant: str = "none",
+    layout: str = "NHD",
+) -> torch.Tensor:
+    """Pack one request's KV cache into one contiguous, self-describing uint8 buffer.
+
+    Parameters
+    ----------
+    caches : list of Tensor
+        Per-layer paged caches, all the same shape and dtype (float32, bfloat16 or float16):
+        ``[num_blocks, 2, block_size, kv_heads, head_dim]`` for ``layout="NHD"`` or
+        ``[num_blocks, 2, kv_heads, block_size, head_dim]`` for ``"HND"``; K at index 0 of dim 1.
+    block_table : Tensor [n] int32 or int64
+        The request's blocks in token order; the first ``ceil(num_tokens / block_size)`` are read
+        (the last one possibly partly).
+    num_tokens : int
+    layer_start, layer_end : int
+        Layers ``[layer_start, layer_end)`` of ``caches`` (``-1``: to the end), so a prefill
+        worker can ship layers while later ones are still being computed.
+    head_start, head_end : int
+        KV heads ``[head_start, head_end)`` (``-1``: to the end), for a receiver with another
+        tensor-parallel degree.
+    quant : {"none", "int8", "fp8_e4m3"}
+        Symmetric quantization with one float32 scale per (layer, K/V, block, head), carried in
+        the buffer: int8 ``|err| <= amax / 254``; fp8 e4m3 ``|err| <= max(|x| / 16,
+        amax / 448 * 2**-10)`` (amax over the block's tokens of that head). Needs finite values.
+
+    Returns
+    -------
+    Tensor [kv_pack_nbytes(...)] uint8
+        64-byte header, payload ``[layer][K/V][token][head][dim]``, then the scales.
+    """
+    return _ops.kv_pack(caches, block_table, num_tokens, layer_start, layer_end, head_start,
+                        head_end, quant, layout)
+
+
+def kv_pack_into(
+    caches: list,
+    block_table: torch.Tensor,
+    num_tokens: int,
+    out: torch.Tensor,
+    *,
+    layer_start: int = 0,
+    layer_end: int = -1,
+    head_start: int = 0,
+    head_end: int = -1,
+    quant: str = "none",
+    layout: str = "NHD",
+) -> int:
+    """``kv_pack`` into a caller-owned uint8 buffer (e.g. memory registered with a transfer
+    engine); returns the number of bytes written (``out`` may be larger)."""
+    _ops.kv_pack_into(caches, block_table, num_tokens, out, layer_start, layer_end, head_start,
+                      head_end, quant, layout)
+    L = len(caches)
+    nl = (L if layer_end < 0 else layer_end) - layer_start
+    c0 = caches[0]
+    heads = c0.shape[3] if layout == "NHD" else c0.shape[2]
+    bs = c0.shape[2] if layout == "NHD" else c0.shape[3]
+    nh = (heads if head_end < 0 else head_end) - head_start
+    return kv_pack_nbytes(nl, num_tokens, nh, c0.shape[4], c0.dtype, quant, bs)
+
+
+def kv_unpack(
+    buffer: torch.Tensor,
+    caches: list,
+    block_table: torch.Tensor,
+    *,
+    layer_start: int = 0,
+    head_start: int = 0,
+    layout: str = "NHD",
+) -> None:
+    """Scatter a ``kv_pack`` buffer into paged caches, in place.
+
+    The destination may differ from the sender in block size (either way), KV head count (the
+    buffer's heads land at ``[head_start, head_start + heads)``), dtype (converted with
+    round-to-nearest-even; quantized payloads are dequantized) and layout (``"NHD"`` or
+    ``"HND"``). The buffer's layer ``i`` goes to ``caches[layer_start + i]``; its tokens fill
+    the first ``ceil(num_tokens / block_size)`` blocks of ``block_table``. Without quantization
+    and with the sender's dtype the round trip is bit-exact.
+    """
+    _ops.kv_unpack(buffer, caches, block_table, layer_start, head_start, layout)
+
+
+def kv_compact(
+    caches: list,
+    block_table: torch.Tensor,
+    src_positions: torch.Tensor,
+    dst_start: int,
+    *,
+    layout: str = "NHD",
+) -> None:
+    """Move token positions ``src_positions[i]`` to ``dst_start + i`` in every layer (K and V),
+    in place: after speculative verification, the accepted tree nodes become consecutive.
+
+    Positions index the request's tokens through ``block_table``. Any overlap of sources and
+    destinations is handled (every source is read before it is overwritten); duplicates in
+    ``src_positions`` are allowed.
+    """
+    _ops.kv_compact(caches, block_table, src_positions, dst_start, layout)
+
+# ---- Token trees ---------------------------------------------------------------------------
+
+
+class TreeBuildOutput(NamedTuple):
+    depth: torch.Tensor  # [B, N] int32, root 0, -1 for padding nodes
+    mask: torch.Tensor  # [B, N, ceil(N/32)] int32 bit words: bit j of row i = j is i or an ancestor
+    first_child: torch.Tensor  # [B, N] int32, -1 = none / padding
+    next_sibling: torch.Tensor  # [B, N] int32, -1 = none / padding
+    leaf_paths: torch.Tensor  # [B, N, D] int32, row k = root-to-leaf nodes of the k-th leaf
+    num_leaves: torch.Tensor  # [B] int32
+
+
+class TreeVerifyOutput(NamedTuple):
+    accepted: torch.Tensor  # [B, N] int32 node indices along the accepted path, root first, -1 padded
+    accept_len: torch.Tensor  # [B] int32 entries of accepted (>= 1: the root counts)
+    bonus: torch.Tensor  # [B] int32 the target's token after the last accepted node
+
+
+def _full_num_nodes(parents: torch.Tensor, num_nodes: Optional[torch.Tensor]) -> torch.Tensor:
+    if num_nodes is not None:
+        return num_nodes
+    return torch.full((parents.shape[0],), parents.shape[1], dtype=torch.int32,
+                      device=parents.device)
+
+
+def tree_build(parents: torch.Tensor, num_nodes: Optional[torch.Tensor] = None, *,
+               max_depth: int = -1) -> TreeBuildOutput:
+    """Traversal structures and the tree attention mask of a batch of draft trees.
+
+    Parameters
+    ----------
+    parents : Tensor [B, N] int32 or int64
+        ``parents[b, 0] == -1`` (node 0 is the root: the last accepted token) and
+        ``0 <= parents[b, i] < i`` for ``0 < i < num_nodes[b]``. Entries past ``num_nodes[b]`` are
+        padding and are ignored.
+    num_nodes : Tensor [B] int, optional
+        Nodes of each request's tree, ``1 <= num_nodes[b] <= N`` (default: N for all).
+    max_depth : int
+        Bound on the depth of a leaf; sets ``D = max_depth + 1`` columns of ``leaf_paths``.
+        ``-1`` uses ``D = N``, which always fits but costs ``B*N*N`` int32.
+
+    Returns
+    -------
+    TreeBuildOutput
+        ``depth`` (positions are context length + depth), ``mask`` (bit ``j % 32`` of word
+        ``j // 32`` in row ``i`` is set iff node ``j`` is node ``i`` or an ancestor; padding rows
+        are zero; see :func:`unpack_tree_mask`), ``first_child``/``next_sibling`` (children in
+        index order), ``leaf_paths`` (leaves in index order, each row the root-to-leaf node
+        indices, -1 padded) and ``num_leaves``.
+    """
+    return TreeBuildOutput(*_ops.tree_build(parents, _full_num_nodes(parents, num_nodes), max_depth))
+
+
+def unpack_tree_mask(mask: torch.Tensor, num_nodes: int) -> torch.Tensor:
+    """``tree_build``'s bit-packed mask ``[B, N, W]`` as a boolean ``[B, N, num_nodes]`` tensor."""
+    bits = torch.arange(32, device=mask.device, dtype=torch.int32)
+    full = ((mask.unsqueeze(-1) >> bits) & 1).bool()  # [B, N, W, 32]
+    return full.flatten(-2)[..., :num_nodes]
+
+
+def tree_verify_greedy(logits: torch.Tensor, tokens: torch.Tensor, parents: torch.Tensor,
+                       num_nodes: Optional[torch.Tensor] = None) -> TreeVerifyOutput:
+    """Greedy verification of a batch of draft trees.
+
+    From the root, repeatedly move to the first child (lowest index) whose token equals the
+    target's argmax at the current node; the bonus token is the argmax where no child matches.
+    Only the logits rows of the nodes on the accepted path are read.
+
+    Parameters
+    ----------
+    logits : Tensor [B, N, V] float32/bfloat16/float16, or Tensor [B, N] int
+        Target logits at every node (row ``i`` is the next-token distribution after node ``i``),
+        or the target's argmax ids. Argmax ties go to the lower token id; NaN counts as -inf.
+    tokens : Tensor [B, N] int
+        Draft token of each node (the root's entry is not read); ``0 <= tokens < V``.
+    parents, num_nodes : see :func:`tree_build`.
+
+    Returns
+    -------
+    TreeVerifyOutput
+        ``accepted [B, N]`` (node indices from the root, -1 padded), ``accept_len [B]`` (entries
+        of ``accepted``: 1 + accepted draft tokens) and ``bonus [B]``. The new tokens of request
+        ``b`` are ``tokens[b, accepted[b, 1:accept_len[b]]]`` followed by ``bonus[b]``.
+    """
+    return TreeVerifyOutput(*_ops.tree_verify_greedy(logits, tokens, parents,
+                                                      _full_num_nodes(parents, num_nodes)))
+
+
+def _per_request(x, B: int, dtype: torch.dtype, device) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x if x.dim() == 1 else x.expand(B)
+    return torch.full((B,), x, dtype=dtype, device=device)
+
+
+def tree_verify_sample(logits: torch.Tensor, tokens: torch.Tensor, parents: torch.Tensor,
+                       num_nodes: Optional[torch.Tensor] = None, *, temperature=1.0, top_k=0,
+                       top_p=1.0, seed=0, offset=0,
+                       draft_probs: Optional[torch.Tensor] = None) -> TreeVerifyOutput:
+    """Lossless verification of a batch of draft trees by speculative sampling.
+
+    The tokens this returns are distributed exactly as sampling from the target one token at a
+    time with the same temperature / top-k / top-p. At each visited node the target distribution
+    ``p`` is ``softmax(top_k(logits / temperature))`` restricted to top-p and renormalised; the
+    node's children are tried in index order:
+
+    * deterministic drafts (``draft_probs=None``: top-k expansions, n-gram, any proposal): child
+      token ``x`` is accepted with probability ``p(x) / (mass not yet rejected)``; a rejected
+      token leaves ``p``. Repeated sibling tokens are handled (a repeat is always rejected).
+    * stochastic drafts (children drawn i.i.d. from ``draft_probs[b, parent]``): accept ``x`` with
+      probability ``min(1, p(x) / q(x))``, else ``p := normalise(max(p - q, 0))`` (SpecInfer).
+
+    When all children are rejected (or at a leaf) the bonus token is sampled from the remaining
+    ``p``. ``temperature == 0`` gives exactly :func:`tree_verify_greedy`'s result.
+
+    Parameters
+    ----------
+    logits : Tensor [B, N, V] float32/bfloat16/float16
+        Target logits at every node; only the rows of visited nodes are read.
+    tokens, parents, num_nodes : see :func:`tree_verify_greedy`.
+    temperature : float or Tensor [B]
+        ``>= 0``; 0 is greedy.
+    top_k : int or Tensor [B]
+        Keep the ``top_k`` largest logits (ties to the lower id); 0 disables.
+    top_p : float or Tensor [B]
+        In ``(0, 1]``: keep the smallest most-probable set whose mass reaches ``top_p``; 1 disables.
+    seed, offset : int or Tensor [B] int64
+        Philox4x32-10 key and counter base. Draw ``k`` of request ``b`` uses counter
+        ``(offset[b], k)``; advance ``offset`` by one per call for fresh randomness. The same
+        inputs always give the same outputs (CUDA-graph friendly: no generator state).
+    draft_probs : Tensor [B, N, V] float, optional
+        Draft distribution at every node (row ``i`` = the distribution node ``i``'s children
+        were drawn from). Only rows of visited nodes are read.
+
+    Returns
+    -------
+    TreeVerifyOutput
+        As for :func:`tree_verify_greedy`.
+    """
+    B, dev = parents.shape[0], parents.device
+    return TreeVerifyOutput(*_ops.tree_verify_sample(
+        logits, tokens, parents, _full_num_nodes(parents, num_nodes),
+        _per_request(temperature, B, torch.float32, dev), _per_request(top_k, B, torch.int64, dev),
+        _per_request(top_p, B, torch.float32, dev), _per_request(seed, B, torch.int64, dev),
+        _per_request(offset, B, torch.int64, dev), draft_probs))
+
+# ---- Attention -----------------------------------------------------------------------------
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    ctx_lens: torch.Tensor,
+    scale: float,
+    sliding_window: int = 0,
+) -> torch.Tensor:
+    """Decode attention straight from a paged KV cache (no gather of the pages).
+
+    Parameters
+    ----------
+    q : Tensor [B, Hq, D]
+        One query token per sequence (float32, bfloat16 or float16).
+    kv_cache : Tensor [num_blocks, 2, block_size, Hkv, D]
+        One layer of a ``PagedKVCache`` (``[:, 0]`` keys, ``[:, 1]`` values), q's dtype.
+    block_tables : Tensor [B, max_blocks] int32 or int64
+        Each sequence's blocks in order; entries past its length are not read.
+    ctx_lens : Tensor [B], block_tables' dtype
+        Keys per sequence (including the current token), in ``[1, max_blocks*block_size]``.
+    scale : float
+        Softmax scale, usually ``D ** -0.5``.
+    sliding_window : int
+        If > 0, attend to the last ``sliding_window`` keys only.
+
+    Returns
+    -------
+    Tensor [B, Hq, D] in q's dtype; query head ``h`` uses KV head ``h // (Hq // Hkv)``.
+    """
+    return _ops.paged_decode_attention(q, kv_cache, block_tables, ctx_lens, scale, sliding_window)

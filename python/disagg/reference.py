@@ -54,67 +54,74 @@ def route(logits: torch.Tensor, top_k: int, *, scoring="softmax", bias=None, num
           capacity_factor=0.0, drop_policy="position", overflow="drop") -> RouteOutput:
     """Reference for ``disagg.ops.route`` (same semantics, written for clarity)."""
     T, E = logits.shape
+    x = logits.float()
+    x = torch.where(torch.isnan(x), torch.full_like(x, float("-inf")), x)
     scores = route_scores(logits, scoring)
-    sel = _selection(scores, bias, num_groups, topk_groups, group_score)
+    grouped = num_groups > 1 and topk_groups < num_groups
+    # Without bias or groups the logits rank the experts (scores are monotone in them).
+    sel = x if (bias is None and not grouped) else _selection(scores, bias, num_groups, topk_groups,
+                                                               group_score)
     order = _rank_desc(sel)
     ids = order[:, :top_k].clone()
     w = torch.gather(scores, 1, ids)
     denom = w.sum(dim=1, keepdim=True)
     denom = torch.where((denom > 0) & torch.tensor(renormalize), denom, torch.ones_like(denom))
     w = w / denom * routed_scaling_factor
-    ids = ids.to(torch.int32)
-    slots = torch.full((T, top_k), -1, dtype=torch.int32)
-    counts = torch.zeros(E, dtype=torch.int32)
     C = route_capacity(capacity_factor, T, top_k, E)
-    flat_ids, flat_w, flat_slots = ids.view(-1), w.view(-1), slots.view(-1)
-    if C == 0:
-        for a in range(T * top_k):
-            e = int(flat_ids[a])
-            flat_slots[a] = counts[e]
-            counts[e] += 1
-        return RouteOutput(w, ids, slots, counts)
     A = T * top_k
-    if drop_policy == "position":
-        keep = [False] * A
-        tmp = [0] * E
+    # The capacity pass is sequential by nature; plain lists keep it readable and quick.
+    flat_ids = ids.reshape(-1).tolist()
+    flat_w = w.reshape(-1).tolist()
+    slots = [-1] * A
+    counts = [0] * E
+    if C == 0:
+        keep, dropped = [True] * A, []
+    elif drop_policy == "position":
+        keep, seen = [False] * A, [0] * E
         for a in range(A):
-            e = int(flat_ids[a])
-            if tmp[e] < C:
+            e = flat_ids[a]
+            if seen[e] < C:
                 keep[a] = True
-                tmp[e] += 1
+                seen[e] += 1
         dropped = [a for a in range(A) if not keep[a]]
     else:
         keep = [False] * A
-        wl = flat_w.tolist()
+        members = [[] for _ in range(E)]
+        for a in range(A):
+            members[flat_ids[a]].append(a)
         for e in range(E):
-            members = [a for a in range(A) if int(flat_ids[a]) == e]
-            members.sort(key=lambda a: (-wl[a], a))
-            for a in members[:C]:
+            for a in sorted(members[e], key=lambda a: (-flat_w[a], a))[:C]:
                 keep[a] = True
-        dropped = sorted((a for a in range(A) if not keep[a]), key=lambda a: (-wl[a], a))
+        dropped = sorted((a for a in range(A) if not keep[a]), key=lambda a: (-flat_w[a], a))
     for a in range(A):
         if keep[a]:
-            e = int(flat_ids[a])
-            flat_slots[a] = counts[e]
-            counts[e] += 1
-    if overflow == "reroute":
+            slots[a] = counts[flat_ids[a]]
+            counts[flat_ids[a]] += 1
+    if overflow == "reroute" and dropped:
+        order_l, sel_l, scores_l, denom_l = order.tolist(), sel.tolist(), scores.tolist(), denom.view(-1).tolist()
         for a in dropped:
             t = a // top_k
-            held = set(int(v) for v in ids[t])
-            for e in order[t].tolist():
-                if torch.isneginf(sel[t, e]) and num_groups > 1 and topk_groups < num_groups:
-                    break
+            held = set(flat_ids[t * top_k:(t + 1) * top_k])
+            for e in order_l[t]:
+                if grouped and sel_l[t][e] == float("-inf"):
+                    break  # the rest lie outside the chosen groups
                 if counts[e] < C and e not in held:
                     flat_ids[a] = e
-                    flat_slots[a] = counts[e]
+                    slots[a] = counts[e]
                     counts[e] += 1
-                    flat_w[a] = scores[t, e] / denom[t, 0] * routed_scaling_factor
+                    flat_w[a] = scores_l[t][e] / denom_l[t] * routed_scaling_factor
                     break
     for a in dropped:
-        if flat_slots[a] < 0:
+        if slots[a] < 0:
             flat_ids[a] = -1
             flat_w[a] = 0.0
-    return RouteOutput(w, ids, slots, counts)
+    shape = (T, top_k)
+    return RouteOutput(
+        torch.tensor(flat_w, dtype=torch.float32).view(shape),
+        torch.tensor(flat_ids, dtype=torch.int32).view(shape),
+        torch.tensor(slots, dtype=torch.int32).view(shape),
+        torch.tensor(counts, dtype=torch.int32),
+    )
 
 
 def moe_layout(ids: torch.Tensor, num_experts: int, *, ep_size: int = 1, capacity: int = 0,
@@ -160,3 +167,363 @@ def moe_combine(y: torch.Tensor, dest: torch.Tensor, weights: torch.Tensor,
     rows = y.float()[d.clamp_min(0)]  # [T, k, H]
     w = torch.where(d >= 0, weights.float(), torch.zeros_like(weights, dtype=torch.float32))
     return (rows * w.unsqueeze(-1)).sum(1).to(out_dtype or y.dtype)
+
+
+# ---- Paged KV cache ------------------------------------------------------------------------
+
+_KV_QMAX = {"int8": 127.0, "fp8_e4m3": 448.0}
+
+
+def _kv_nhd(cache: torch.Tensor, layout: str) -> torch.Tensor:
+    """An NHD view ``[blocks, 2, block_size, heads, dim]`` of a cache in either layout."""
+    return cache.transpose(2, 3) if layout == "HND" else cache
+
+
+def kv_pack(caches, block_table, num_tokens, *, layer_start=0, layer_end=-1, head_start=0,
+            head_end=-1, quant="none", layout="NHD") -> torch.Tensor:
+    """Reference of ``disagg.ops.kv_pack``: gather blocks, slice, quantize, serialise."""
+    import struct
+
+    from .ops import _KV_DTYPES, _KV_HEADER, _KV_MAGIC, KV_QUANTS, kv_pack_nbytes
+
+    layer_end = len(caches) if layer_end < 0 else layer_end
+    views = [_kv_nhd(c, layout) for c in caches[layer_start:layer_end]]
+    c0 = _kv_nhd(caches[0], layout)
+    _, _, bs, H, D = c0.shape
+    head_end = H if head_end < 0 else head_end
+    L, Hc, T = layer_end - layer_start, head_end - head_start, num_tokens
+    nblk = -(-T // bs)
+    table = block_table[:nblk].long()
+    # [L, 2, nblk * bs, Hc, D]: tokens in block-table order, the tail of the last block dropped
+    x = torch.stack([v[table].transpose(0, 1).reshape(2, nblk * bs, H, D) for v in views]) \
+        if L else c0.new_empty((0, 2, nblk * bs, H, D))
+    x = x[:, :, :, head_start:head_end]
+    total = kv_pack_nbytes(L, T, Hc, D, c0.dtype, quant, bs)
+    out = torch.zeros(total, dtype=torch.uint8)
+    hdr = struct.pack(_KV_HEADER, _KV_MAGIC, 1, 64, _KV_DTYPES.index(c0.dtype),
+                      KV_QUANTS.index(quant), c0.dtype.itemsize if quant == "none" else 1, 0,
+                      L, T, Hc, D, 0 if quant == "none" else bs, layer_start, head_start, 64,
+                      (64 + L * 2 * T * Hc * D * (c0.dtype.itemsize if quant == "none" else 1)
+                       + 15) // 16 * 16, total)
+    out[:64] = torch.frombuffer(bytearray(hdr), dtype=torch.uint8)
+    if quant == "none":
+        payload = x[:, :, :T].contiguous().view(torch.uint8).reshape(-1)
+        out[64:64 + payload.numel()] = payload
+        return out
+    qmax = _KV_QMAX[quant]
+    g = x.float()
+    g[:, :, T:] = 0  # the last block's unused slots take no part in its scale
+    g = g.reshape(L, 2, nblk, bs, Hc, D)
+    amax = g.abs().amax(dim=(3, 5))  # [L, 2, nblk, Hc]
+    if not torch.isfinite(amax).all():
+        raise ValueError("disagg.kv_pack: caches hold inf or NaN; quantized packing needs finite values")
+    pos = amax > 0
+    # tensor / tensor is a true IEEE division; `qmax / amax` would be reciprocal-then-multiply
+    q_t = torch.full_like(amax, qmax)
+    scale = torch.where(pos, amax / q_t, torch.zeros_like(amax))
+    inv = torch.where(pos, q_t / amax, torch.zeros_like(amax))
+    y = g * inv[:, :, :, None, :, None]
+    if quant == "int8":
+        q = torch.round(y).clamp(-127, 127).to(torch.int8).view(torch.uint8)
+    else:
+        q = y.to(torch.float8_e4m3fn).view(torch.uint8)
+    q = q.reshape(L, 2, nblk * bs, Hc, D)[:, :, :T].reshape(-1)
+    out[64:64 + q.numel()] = q
+    s = scale.contiguous().view(torch.uint8).reshape(-1)
+    start = (64 + q.numel() + 15) // 16 * 16
+    out[start:start + s.numel()] = s
+    return out
+
+
+def kv_unpack(buffer, caches, block_table, *, layer_start=0, head_start=0, layout="NHD") -> None:
+    """Reference of ``disagg.ops.kv_unpack``: parse, dequantize, convert, scatter."""
+    from .ops import kv_buffer_info
+
+    info = kv_buffer_info(buffer)
+    L, T, Hc, D = info.num_layers, info.num_tokens, info.num_heads, info.head_dim
+    n = L * 2 * T * Hc * D
+    if info.quant == "none":
+        nbytes = n * info.dtype.itemsize
+        x = buffer[64:64 + nbytes].clone().view(info.dtype).reshape(L, 2, T, Hc, D).float()
+    else:
+        q = buffer[64:64 + n].clone()
+        xq = (q.view(torch.int8) if info.quant == "int8" else q.view(torch.float8_e4m3fn)).float()
+        xq = xq.reshape(L, 2, T, Hc, D)
+        ng = -(-T // info.scale_group)
+        s0 = (64 + n + 15) // 16 * 16
+        scale = buffer[s0:s0 + L * 2 * ng * Hc * 4].clone().view(torch.float32).reshape(L, 2, ng, Hc)
+        tok_scale = scale[:, :, torch.arange(T) // info.scale_group]  # [L, 2, T, Hc]
+        x = xq * tok_scale[..., None]
+    bs = _kv_nhd(caches[0], layout).shape[2]
+    pos = torch.arange(T)
+    blk = block_table[: -(-T // bs)].long()[pos // bs]
+    off = pos % bs
+    for i in range(L):
+        v = _kv_nhd(caches[layer_start + i], layout)
+        v[blk, :, off, head_start:head_start + Hc] = x[i].transpose(0, 1).to(v.dtype)
+
+
+def kv_compact(caches, block_table, src_positions, dst_start, *, layout="NHD") -> None:
+    """Reference of ``disagg.ops.kv_compact``: gather every source first, then scatter."""
+    src = src_positions.long()
+    n = src.numel()
+    if n == 0:
+        return
+    bs = _kv_nhd(caches[0], layout).shape[2]
+    table = block_table.long()
+    dst = torch.arange(dst_start, dst_start + n)
+    for c in caches:
+        v = _kv_nhd(c, layout)
+        vals = v[table[src // bs], :, src % bs].clone()  # [n, 2, H, D]
+        v[table[dst // bs], :, dst % bs] = vals
+
+# ---- Token trees ---------------------------------------------------------------------------
+
+from .ops import TreeBuildOutput, TreeVerifyOutput  # noqa: E402
+
+_M32 = 0xFFFFFFFF
+
+
+def philox4x32_10(counter, key):
+    """Philox4x32-10 block (four 32-bit words) for a 4-word counter and 2-word key."""
+    c0, c1, c2, c3 = (int(c) & _M32 for c in counter)
+    k0, k1 = (int(k) & _M32 for k in key)
+    for _ in range(10):
+        p0 = 0xD2511F53 * c0
+        p1 = 0xCD9E8D57 * c2
+        c0, c1, c2, c3 = (p1 >> 32) ^ c1 ^ k0, p1 & _M32, (p0 >> 32) ^ c3 ^ k1, p0 & _M32
+        k0 = (k0 + 0x9E3779B9) & _M32
+        k1 = (k1 + 0xBB67AE85) & _M32
+    return c0, c1, c2, c3
+
+
+def philox_uniform(seed: int, offset: int, draw: int) -> float:
+    """Draw ``draw`` of stream (seed, offset) as a double in [0, 1), as the kernels compute it."""
+    s, o = int(seed) % 2**64, int(offset) % 2**64
+    r = philox4x32_10((o & _M32, o >> 32, draw, 0), (s & _M32, s >> 32))
+    return (((r[0] >> 5) << 26) | (r[1] >> 6)) * 2.0**-53
+
+
+def _check_tree(parents, num_nodes):
+    B, N = parents.shape
+    for b in range(B):
+        n = int(num_nodes[b])
+        if not 1 <= n <= N:
+            raise ValueError(f"num_nodes[{b}] = {n} must be in [1, N={N}]")
+        if int(parents[b, 0]) != -1:
+            raise ValueError(f"parents[{b}, 0] must be -1")
+        for i in range(1, n):
+            if not 0 <= int(parents[b, i]) < i:
+                raise ValueError(f"parents is not a tree at [{b}, {i}]")
+
+
+def _children(par, n):
+    kids = [[] for _ in range(n)]
+    for i in range(1, n):
+        kids[par[i]].append(i)
+    return kids
+
+
+def tree_build(parents: torch.Tensor, num_nodes: Optional[torch.Tensor] = None, *,
+               max_depth: int = -1) -> TreeBuildOutput:
+    """Reference for ``disagg.ops.tree_build``."""
+    B, N = parents.shape
+    if num_nodes is None:
+        num_nodes = torch.full((B,), N)
+    _check_tree(parents, num_nodes)
+    D = N if max_depth < 0 else max_depth + 1
+    W = (N + 31) // 32
+    depth = torch.full((B, N), -1, dtype=torch.int32)
+    mask = torch.zeros((B, N, W * 32), dtype=torch.bool)
+    fc = torch.full((B, N), -1, dtype=torch.int32)
+    ns = torch.full((B, N), -1, dtype=torch.int32)
+    paths = torch.full((B, N, D), -1, dtype=torch.int32)
+    leaves = torch.zeros(B, dtype=torch.int32)
+    for b in range(B):
+        n = int(num_nodes[b])
+        par = parents[b].tolist()
+        kids = _children(par, n)
+        for i in range(n):
+            chain = [i]
+            while par[chain[-1]] >= 0:
+                chain.append(par[chain[-1]])
+            depth[b, i] = len(chain) - 1
+            mask[b, i, chain] = True
+            if kids[i]:
+                fc[b, i] = kids[i][0]
+            for a, c in zip(kids[i], kids[i][1:]):
+                ns[b, a] = c
+            if not kids[i]:
+                if len(chain) > D:
+                    raise ValueError(f"depth {len(chain) - 1} exceeds max_depth")
+                paths[b, int(leaves[b]), :len(chain)] = torch.tensor(chain[::-1], dtype=torch.int32)
+                leaves[b] += 1
+    weights = (1 << torch.arange(32, dtype=torch.int64))
+    packed = (mask.view(B, N, W, 32).long() * weights).sum(-1)
+    packed = torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+    return TreeBuildOutput(depth, packed, fc, ns, paths, leaves)
+
+
+def _argmax(row: torch.Tensor) -> int:
+    """Lowest id holding the maximum, NaN counting as -inf (nothing above -inf: token 0)."""
+    x = row.float()
+    x = torch.where(torch.isnan(x), torch.full_like(x, float("-inf")), x)
+    return int(torch.nonzero(x == x.max())[0])
+
+
+def _greedy_walk(choice, tok, kids):
+    path, cur = [0], 0
+    while True:
+        want = choice(cur)
+        nxt = next((c for c in kids[cur] if tok[c] == want), None)
+        if nxt is None:
+            return path, want
+        path.append(nxt)
+        cur = nxt
+
+
+def _pack_verify(results, B, N) -> TreeVerifyOutput:
+    accepted = torch.full((B, N), -1, dtype=torch.int32)
+    lens = torch.zeros(B, dtype=torch.int32)
+    bonus = torch.zeros(B, dtype=torch.int32)
+    for b, (path, bon) in enumerate(results):
+        accepted[b, :len(path)] = torch.tensor(path, dtype=torch.int32)
+        lens[b] = len(path)
+        bonus[b] = bon
+    return TreeVerifyOutput(accepted, lens, bonus)
+
+
+def tree_verify_greedy(logits: torch.Tensor, tokens: torch.Tensor, parents: torch.Tensor,
+                       num_nodes: Optional[torch.Tensor] = None) -> TreeVerifyOutput:
+    """Reference for ``disagg.ops.tree_verify_greedy`` (a plain walk, one request at a time)."""
+    B, N = parents.shape
+    if num_nodes is None:
+        num_nodes = torch.full((B,), N)
+    _check_tree(parents, num_nodes)
+    ids = logits.dim() == 2
+    results = []
+    for b in range(B):
+        kids = _children(parents[b].tolist(), int(num_nodes[b]))
+        choice = (lambda i: int(logits[b, i])) if ids else (lambda i: _argmax(logits[b, i]))
+        results.append(_greedy_walk(choice, tokens[b].tolist(), kids))
+    return _pack_verify(results, B, N)
+
+
+def tree_target_probs(row: torch.Tensor, temperature: float, top_k: int = 0,
+                      top_p: float = 1.0) -> torch.Tensor:
+    """The target's sampling distribution at one node, float32 [V], with the op's rules:
+    logits / temperature -> top-k (ties to the lower id) -> softmax -> top-p -> renormalise."""
+    V = row.shape[0]
+    x = row.float() / torch.tensor(temperature, dtype=torch.float32)
+    x = torch.where(torch.isnan(x), torch.full_like(x, float("-inf")), x)
+    m = x.max()
+    if torch.isposinf(m):
+        p = (x == m).float()
+        return p / p.sum()
+    if torch.isneginf(m):
+        p = torch.zeros(V)
+        p[_argmax(row)] = 1.0
+        return p
+    if 0 < top_k < V:
+        order = torch.sort(x, descending=True, stable=True).indices
+        x = x.clone()
+        x[order[top_k:]] = float("-inf")
+    p = torch.exp(x - m)
+    if top_p < 1.0:
+        order = torch.sort(p, descending=True, stable=True).indices
+        sp = p[order].double()
+        excl = torch.cumsum(sp, 0) - sp
+        drop = order[(excl >= top_p * sp.sum()) & (sp > 0)]
+        p[drop] = 0.0
+    return p * (1.0 / p.sum())
+
+
+def _sample_from(p: torch.Tensor, u: float) -> int:
+    pd = p.double()
+    total = float(pd.sum())
+    if not total > 0:
+        return _argmax(p)
+    cum = torch.cumsum(pd, 0)
+    hit = torch.nonzero((cum > u * total) & (p > 0))
+    if hit.numel():
+        return int(hit[0])
+    return int(torch.nonzero(p > 0)[-1])
+
+
+def tree_verify_sample(logits: torch.Tensor, tokens: torch.Tensor, parents: torch.Tensor,
+                       num_nodes: Optional[torch.Tensor] = None, *, temperature=1.0, top_k=0,
+                       top_p=1.0, seed=0, offset=0,
+                       draft_probs: Optional[torch.Tensor] = None) -> TreeVerifyOutput:
+    """Reference for ``disagg.ops.tree_verify_sample``: the same walk, draws and rules, one
+    request at a time, in plain PyTorch (float32 probabilities, float64 running sums)."""
+    B, N = parents.shape
+    if num_nodes is None:
+        num_nodes = torch.full((B,), N)
+    _check_tree(parents, num_nodes)
+    per = lambda x: x.tolist() if isinstance(x, torch.Tensor) else [x] * B  # noqa: E731
+    temps, tks, tps, seeds, offs = map(per, (temperature, top_k, top_p, seed, offset))
+    results = []
+    for b in range(B):
+        tok = tokens[b].tolist()
+        kids = _children(parents[b].tolist(), int(num_nodes[b]))
+        T = float(torch.tensor(temps[b], dtype=torch.float32))
+        if T == 0.0:
+            results.append(_greedy_walk(lambda i: _argmax(logits[b, i]), tok, kids))
+            continue
+        tp = float(torch.tensor(tps[b], dtype=torch.float32))
+        draw = 0
+        path, cur = [0], 0
+        while True:
+            p = tree_target_probs(logits[b, cur], T, int(tks[b]), tp)
+            nxt = None
+            q = draft_probs[b, cur].float() if draft_probs is not None else None
+            remaining = 1.0
+            for c in kids[cur]:
+                u = philox_uniform(seeds[b], offs[b], draw)
+                draw += 1
+                x = tok[c]
+                px = float(p[x])
+                if q is None:
+                    if px > 0 and u * remaining < px:
+                        nxt = c
+                        break
+                    remaining = max(0.0, remaining - px)
+                    p[x] = 0.0
+                else:
+                    qx = float(q[x])
+                    if (u * qx < px) if qx > 0 else (px > 0):
+                        nxt = c
+                        break
+                    r = torch.clamp(p - q, min=0.0)
+                    rs = r.sum()
+                    if rs > 0:
+                        p = r * (1.0 / rs)
+            if nxt is None:
+                bonus = _sample_from(p, philox_uniform(seeds[b], offs[b], draw))
+                results.append((path, bonus))
+                break
+            path.append(nxt)
+            cur = nxt
+    return _pack_verify(results, B, N)
+
+# ---- Attention -----------------------------------------------------------------------------
+
+
+def paged_decode_attention(q, kv_cache, block_tables, ctx_lens, scale, sliding_window=0):
+    """Gather each sequence's pages, then plain softmax attention in float32."""
+    B, Hq, D = q.shape
+    bs, Hkv = kv_cache.shape[2], kv_cache.shape[3]
+    out = torch.empty_like(q)
+    for b in range(B):
+        L = int(ctx_lens[b])
+        blocks = block_tables[b, : (L + bs - 1) // bs].long()
+        k = kv_cache[blocks, 0].reshape(-1, Hkv, D)[:L].float()
+        v = kv_cache[blocks, 1].reshape(-1, Hkv, D)[:L].float()
+        start = max(0, L - sliding_window) if sliding_window > 0 else 0
+        k, v = k[start:], v[start:]
+        G = Hq // Hkv
+        k = k.repeat_interleave(G, dim=1)  # [n, Hq, D]
+        v = v.repeat_interleave(G, dim=1)
+        s = torch.einsum("hd,nhd->hn", q[b].float() * scale, k)
+        out[b] = torch.einsum("hn,nhd->hd", s.softmax(-1), v).to(q.dtype)
+    return out

@@ -12,6 +12,8 @@ import sys
 
 FAMILIES = {
     "routing": "disagg.bench.routing",
+    "kv": "disagg.bench.kv",
+    "tree": "disagg.bench.tree",
 }
 
 

@@ -53,12 +53,14 @@ def median_time(fn: Callable[[], object], device: torch.device, min_run_time: fl
 
 
 def copy_time(nbytes: int, device: torch.device, min_run_time: float = 0.3) -> float:
-    """Median seconds of one plain copy of ``nbytes`` (the memory-bandwidth yardstick)."""
+    """Median seconds of one plain copy of ``nbytes`` (the memory-bandwidth yardstick).
+
+    The copy is ``clone()``: it reads n and writes n = nbytes/2 bytes into a fresh tensor, as
+    the ops compared with it allocate their outputs (fresh large buffers cost page faults).
+    """
     n = max(1, nbytes // 2)
     a = torch.empty(n, dtype=torch.uint8, device=device).random_(0, 255)
-    b = torch.empty_like(a)
-    # a copy reads n and writes n bytes: nbytes in all, as for the op it is compared with
-    return median_time(lambda: b.copy_(a), device, min_run_time)
+    return median_time(lambda: a.clone(), device, min_run_time)
 
 
 def row(*, op: str, device: torch.device, shape: dict, dtype, median_s: float,

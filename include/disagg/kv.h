@@ -1,0 +1,483 @@
+// Paged KV cache kernels on the CPU (torch-free): pack a request's blocks into one
+// self-describing buffer (optionally a head slice, optionally int8/fp8 quantized), unpack it into
+// a cache of another block size / head count / dtype / layout, and compact accepted tokens.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "disagg/common.h"
+
+// The conversions below select between values computed on both paths; GCC only turns such
+// selects into vector blends when it may assume FP operations do not trap. Nothing here reads
+// the FP exception flags, so the results are the same either way.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC optimize("no-trapping-math")
+#endif
+
+// The row loops are also compiled for AVX2 next to the baseline ISA, picked at load time
+// (GCC function multiversioning); elsewhere they are plain inline functions.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define DISAGG_KV_ROW __attribute__((target_clones("avx2", "default")))
+#else
+#define DISAGG_KV_ROW inline
+#endif
+
+namespace disagg {
+namespace kv {
+
+// ---- buffer format ---------------------------------------------------------------------------
+// A packed buffer is  [header (64 B)] [payload] [pad to 16] [scales]  (all little-endian).
+// payload: elements [layer][kv (0=K, 1=V)][token][head][dim], token-major so that a run of tokens
+//          of one layer and one of K/V is contiguous whatever the receiver's block size is.
+// scales:  float32 [layer][kv][group][head] when quantized, group = token / scale_group (the
+//          sender's block size: one scale per (block, head)).
+
+constexpr uint32_t kMagic = 0x564b4744u;  // "DGKV" in memory order
+constexpr uint16_t kVersion = 1;
+constexpr int64_t kHeaderBytes = 64;
+
+enum class DType : uint8_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+enum class Quant : uint8_t { kNone = 0, kInt8 = 1, kFp8E4M3 = 2 };
+
+struct BufferHeader {
+  uint32_t magic;
+  uint16_t version;
+  uint16_t header_bytes;
+  uint8_t dtype;        // DType of the sender's cache
+  uint8_t quant;        // Quant of the payload
+  uint8_t elem_bytes;   // bytes per payload element
+  uint8_t reserved;
+  int32_t num_layers;
+  int32_t num_tokens;
+  int32_t num_heads;    // heads in the payload (the packed slice)
+  int32_t head_dim;
+  int32_t scale_group;  // tokens per scale when quantized (sender's block size), else 0
+  int32_t layer_start;  // sender's first layer and head: informational, default placement
+  int32_t head_start;
+  int64_t payload_offset;
+  int64_t scales_offset;
+  int64_t total_bytes;
+};
+static_assert(sizeof(BufferHeader) == kHeaderBytes, "the header is part of the wire format");
+
+inline int64_t dtype_bytes(DType d) { return d == DType::kFloat32 ? 4 : 2; }
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Fill a header for the given geometry; every size follows from it (the fake kernel in Python
+// mirrors this arithmetic to size the output under torch.compile).
+inline BufferHeader make_header(DType dtype, Quant quant, int64_t layers, int64_t tokens,
+                                int64_t heads, int64_t head_dim, int64_t block_size,
+                                int64_t layer_start, int64_t head_start) {
+  BufferHeader h{};
+  h.magic = kMagic;
+  h.version = kVersion;
+  h.header_bytes = static_cast<uint16_t>(kHeaderBytes);
+  h.dtype = static_cast<uint8_t>(dtype);
+  h.quant = static_cast<uint8_t>(quant);
+  h.elem_bytes = static_cast<uint8_t>(quant == Quant::kNone ? dtype_bytes(dtype) : 1);
+  h.num_layers = static_cast<int32_t>(layers);
+  h.num_tokens = static_cast<int32_t>(tokens);
+  h.num_heads = static_cast<int32_t>(heads);
+  h.head_dim = static_cast<int32_t>(head_dim);
+  h.scale_group = quant == Quant::kNone ? 0 : static_cast<int32_t>(block_size);
+  h.layer_start = static_cast<int32_t>(layer_start);
+  h.head_start = static_cast<int32_t>(head_start);
+  h.payload_offset = kHeaderBytes;
+  const int64_t payload = layers * 2 * tokens * heads * head_dim * h.elem_bytes;
+  // scales start 16-byte aligned so that float loads are aligned on every platform
+  h.scales_offset = (h.payload_offset + payload + 15) / 16 * 16;
+  const int64_t groups = quant == Quant::kNone ? 0 : ceil_div(tokens, block_size);
+  h.total_bytes = h.scales_offset + layers * 2 * groups * heads * static_cast<int64_t>(sizeof(float));
+  return h;
+}
+
+// Reads and checks a header against the buffer it came in. On failure `why` names the field.
+inline Status parse_header(const uint8_t* buf, int64_t nbytes, BufferHeader* out, const char** why) {
+  if (nbytes < kHeaderBytes) { *why = "buffer is smaller than the 64-byte header"; return Status::kBufferTooSmall; }
+  BufferHeader h;
+  std::memcpy(&h, buf, sizeof(h));
+  if (h.magic != kMagic) { *why = "buffer does not start with the kv_pack magic (not a packed KV buffer)"; return Status::kInvalidArgument; }
+  if (h.version != kVersion) { *why = "buffer has an unsupported format version"; return Status::kUnsupported; }
+  if (h.header_bytes != kHeaderBytes || h.payload_offset != kHeaderBytes) { *why = "buffer header size is inconsistent"; return Status::kInvalidArgument; }
+  if (h.dtype > 2) { *why = "buffer header has an unknown dtype"; return Status::kInvalidArgument; }
+  if (h.quant > 2) { *why = "buffer header has an unknown quantization"; return Status::kInvalidArgument; }
+  if (h.num_layers < 0 || h.num_tokens < 0 || h.num_heads < 1 || h.head_dim < 1 ||
+      (h.quant != 0 && h.scale_group < 1)) {
+    *why = "buffer header has a negative or zero size"; return Status::kInvalidArgument;
+  }
+  const BufferHeader want = make_header(static_cast<DType>(h.dtype), static_cast<Quant>(h.quant),
+                                        h.num_layers, h.num_tokens, h.num_heads, h.head_dim,
+                                        h.quant != 0 ? h.scale_group : 1, h.layer_start, h.head_start);
+  if (h.elem_bytes != want.elem_bytes || h.scales_offset != want.scales_offset ||
+      h.total_bytes != want.total_bytes) {
+    *why = "buffer header sizes do not match its geometry (corrupted header)"; return Status::kInvalidArgument;
+  }
+  if (h.total_bytes > nbytes) { *why = "buffer is shorter than the size its header declares"; return Status::kBufferTooSmall; }
+  *out = h;
+  return Status::kOk;
+}
+
+// ---- cache geometry --------------------------------------------------------------------------
+
+// One layer's cache [num_blocks, 2, ...] addressed through strides (elements), so NHD
+// ([block, kv, token, head, dim]) and HND ([block, kv, head, token, dim]) are the same code.
+// The dim stride is 1.
+struct CacheGeom {
+  int64_t num_blocks = 0, block_size = 0, num_heads = 0, head_dim = 0;
+  int64_t stride_block = 0, stride_kv = 0, stride_token = 0, stride_head = 0;
+};
+
+// Index of the first block id outside [0, num_blocks), or -1. Checked before any copy, so a bad
+// table never causes an out-of-bounds access.
+template <typename Idx>
+inline int64_t find_bad_block(const Idx* table, int64_t n, int64_t num_blocks) {
+  for (int64_t i = 0; i < n; ++i)
+    if (table[i] < 0 || static_cast<int64_t>(table[i]) >= num_blocks) return i;
+  return -1;
+}
+
+// ---- element conversions ---------------------------------------------------------------------
+// Written branch-free (selects instead of ifs) so that the compiler vectorizes the row loops at
+// the baseline ISA; results are bit-identical to common.h's to_float/from_float and to torch.
+
+// Local min/max: std::min/std::max are compiled outside the optimize pragma above, and GCC does
+// not inline across differing options, which would leave a call in every vector loop.
+template <typename T> inline T kmin(T a, T b) { return b < a ? b : a; }
+template <typename T> inline T kmax(T a, T b) { return a < b ? b : a; }
+
+inline uint32_t f2u(float f) { uint32_t u; std::memcpy(&u, &f, sizeof(u)); return u; }
+inline float u2f(uint32_t u) { float f; std::memcpy(&f, &u, sizeof(f)); return f; }
+
+// Adding and removing 1.5 * 2^23 rounds a float with |x| < 2^22 to an integer, half to even,
+// without a libm call (nearbyint is a function call on baseline x86-64 and blocks vectorizing).
+inline float round_half_even(float x) {
+  constexpr float kMagic = 12582912.0f;
+  return (x + kMagic) - kMagic;
+}
+
+inline float load(float x) { return x; }
+inline float load(bf16_t x) { return u2f(static_cast<uint32_t>(x.bits) << 16); }
+inline float load(f16_t x) {
+  const uint32_t h = x.bits;
+  const uint32_t sign = (h & 0x8000u) << 16;
+  const uint32_t em = (h & 0x7fffu) << 13;
+  // 2^112 moves the exponent bias from 15 to 127; for subnormal halves em is a float32
+  // subnormal and the same product normalises it exactly
+  const float finite = u2f(em) * 5.192296858534828e33f;
+  // inf, or NaN with its payload and the quiet bit set (as the hardware conversion torch uses)
+  const float special = u2f(em | 0x7f800000u | ((h & 0x3ffu) ? 0x400000u : 0u));
+  return u2f(f2u((h & 0x7c00u) == 0x7c00u ? special : finite) | sign);
+}
+
+template <typename T> inline T store(float f);
+template <> inline float store<float>(float f) { return f; }
+template <> inline bf16_t store<bf16_t>(float f) {
+  const uint32_t u = f2u(f);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;  // nearest even
+  const uint32_t nan = (u >> 16) | 0x40u;                           // quiet NaN, sign kept
+  return bf16_t{static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded)};
+}
+template <> inline f16_t store<f16_t>(float f) { return from_float<f16_t>(f); }
+
+// |x| as an unsigned integer of the storage width: for non-negative floats the bit patterns
+// order like the values, so an integer max finds the absolute maximum (and inf/NaN sort above
+// every finite value, which is how non-finite groups are detected).
+inline uint32_t abs_bits(float x) { return f2u(x) & 0x7fffffffu; }
+inline uint16_t abs_bits(bf16_t x) { return static_cast<uint16_t>(x.bits & 0x7fffu); }
+inline uint16_t abs_bits(f16_t x) { return static_cast<uint16_t>(x.bits & 0x7fffu); }
+template <typename T> struct AbsBits;
+template <> struct AbsBits<float> { using type = uint32_t; static constexpr uint32_t kInf = 0x7f800000u; };
+template <> struct AbsBits<bf16_t> { using type = uint16_t; static constexpr uint32_t kInf = 0x7f80u; };
+template <> struct AbsBits<f16_t> { using type = uint16_t; static constexpr uint32_t kInf = 0x7c00u; };
+inline float from_abs_bits(uint32_t b, float*) { return u2f(b); }
+inline float from_abs_bits(uint32_t b, bf16_t*) { return load(bf16_t{static_cast<uint16_t>(b)}); }
+inline float from_abs_bits(uint32_t b, f16_t*) { return load(f16_t{static_cast<uint16_t>(b)}); }
+
+// float -> fp8 e4m3fn (bias 7, no infinities, 0x7f/0xff = NaN, max 448), rounding to nearest
+// even like torch's float8_e4m3fn cast, including its edge cases: |x| >= 480, inf and NaN give
+// NaN, and (448, 464] rounds down to 448 while (464, 480) rounds up into the NaN code.
+inline uint8_t fp8e4m3_from_float(float f) {
+  const uint32_t u = f2u(f);
+  const uint32_t sign = (u >> 24) & 0x80u;
+  const int32_t a = static_cast<int32_t>(u & 0x7fffffffu);  // < 2^31: signed compares are exact
+  // below 2^-6 the grid is the subnormal step 2^-9: |f| * 512 is exact and rounds to 0..8,
+  // where 8 is code 0x08, exactly the smallest normal (the integer min() keeps the lanes that
+  // take the normal path, inf and NaN included, small and finite)
+  const float sub_f = round_half_even(u2f(static_cast<uint32_t>(kmin(a, 0x3c800000))) * 512.0f);
+  const int32_t sub = static_cast<int32_t>(sub_f);
+  // normal: drop 20 of the 23 mantissa bits rounding to nearest even (a carry into the exponent
+  // is the right result), then move the exponent bias from 127 to 7
+  const uint32_t ua = static_cast<uint32_t>(a);  // unsigned: the rounding add may pass 2^31
+  const int32_t nrm = static_cast<int32_t>(((ua + 0x7ffffu + ((ua >> 20) & 1u)) >> 20) - ((127u - 7u) << 3));
+  int32_t r = a < 0x3c800000 ? sub : nrm;
+  r = a >= 0x43f00000 ? 0x7f : r;  // 480.0f and beyond (inf, NaN)
+  return static_cast<uint8_t>(static_cast<uint32_t>(r) | sign);
+}
+
+inline float fp8e4m3_to_float(uint8_t b) {
+  const uint32_t m = b & 0x7fu;
+  // e4m3 bits moved to the top of a float32 and scaled by 2^120 (bias 127 -> 7); a subnormal
+  // e4m3 becomes a float32 subnormal and the same product is exact
+  const float v = u2f(m << 20) * 1.329227995784916e36f;
+  const float r = m == 0x7fu ? std::numeric_limits<float>::quiet_NaN() : v;
+  return u2f(f2u(r) | (static_cast<uint32_t>(b & 0x80u) << 24));
+}
+
+// Copy n elements with a dtype change (memcpy when the types agree).
+template <typename S, typename D>
+DISAGG_KV_ROW void convert_row(const S* src, D* dst, int64_t n) {
+  if constexpr (std::is_same<S, D>::value) {
+    std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(S));
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = store<D>(load(src[i]));
+  }
+}
+
+// Symmetric quantization parameters of one group from its absolute maximum. `scale` is what the
+// receiver multiplies by; `inv` what the sender multiplies by. An all-zero group gets scale 0.
+struct QuantParams { float scale, inv; };
+
+inline QuantParams quant_params(Quant q, float amax) {
+  const float qmax = q == Quant::kInt8 ? 127.0f : 448.0f;
+  if (!(amax > 0.0f)) return {0.0f, 0.0f};
+  return {amax / qmax, qmax / amax};
+}
+
+template <typename T>
+DISAGG_KV_ROW void quantize_row(Quant q, const T* src, uint8_t* dst, int64_t n, float inv) {
+  if (q == Quant::kInt8) {
+    // |x * inv| <= 127 up to one rounding of inv, so the rounded value fits an int32 and the
+    // clamp (in integers, cheaper than float compares) only catches a hair above 127
+    for (int64_t i = 0; i < n; ++i) {
+      const int32_t r = static_cast<int32_t>(round_half_even(load(src[i]) * inv));
+      dst[i] = static_cast<uint8_t>(static_cast<int8_t>(kmin(127, kmax(-127, r))));
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = fp8e4m3_from_float(load(src[i]) * inv);
+  }
+}
+
+template <typename T>
+DISAGG_KV_ROW void dequantize_row(Quant q, const uint8_t* src, T* dst, int64_t n, float scale) {
+  if (q == Quant::kInt8) {
+    for (int64_t i = 0; i < n; ++i)
+      dst[i] = store<T>(static_cast<float>(static_cast<int8_t>(src[i])) * scale);
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = store<T>(fp8e4m3_to_float(src[i]) * scale);
+  }
+}
+
+// ---- pack ------------------------------------------------------------------------------------
+
+struct PackParams {
+  CacheGeom g;
+  int64_t num_layers = 0;  // layers in the buffer
+  int64_t num_tokens = 0;
+  int64_t head_start = 0, head_count = 0;
+  Quant quant = Quant::kNone;
+};
+
+// Source element (block b, kv c, token-in-block o, head h, dim 0) of one layer.
+inline int64_t cache_offset(const CacheGeom& g, int64_t b, int64_t c, int64_t o, int64_t h) {
+  return b * g.stride_block + c * g.stride_kv + o * g.stride_token + h * g.stride_head;
+}
+
+// layers[i] points at the cache of the i-th packed layer. `out` receives header + payload +
+// scales (hdr.total_bytes, checked against out_bytes). The block ids must be checked by the
+// caller with find_bad_block; they are re-checked here so the kernel is safe on its own.
+template <typename T, typename Idx>
+Status pack_cpu(const T* const* layers, const Idx* table, int64_t table_len, const PackParams& p,
+                const BufferHeader& hdr, uint8_t* out, int64_t out_bytes) {
+  const CacheGeom& g = p.g;
+  const int64_t bs = g.block_size, D = g.head_dim, Hc = p.head_count;
+  if (hdr.total_bytes > out_bytes) return Status::kBufferTooSmall;
+  if (ceil_div(p.num_tokens, bs) > table_len) return Status::kInvalidArgument;
+  if (find_bad_block(table, ceil_div(p.num_tokens, bs), g.num_blocks) >= 0) return Status::kInvalidArgument;
+  if (p.head_start < 0 || p.head_start + Hc > g.num_heads) return Status::kInvalidArgument;
+  std::memcpy(out, &hdr, sizeof(hdr));
+  const int64_t nblk = ceil_div(p.num_tokens, bs);
+  const int64_t items = p.num_layers * 2 * nblk;
+  const int64_t row = Hc * D;  // payload elements per token
+  uint8_t* payload = out + hdr.payload_offset;
+  float* scales = reinterpret_cast<float*>(out + hdr.scales_offset);
+  // a token's heads are contiguous in the cache when heads are the inner dim (NHD)
+  const bool heads_contig = g.stride_head == D;
+  // a whole block is one contiguous run when, in addition, all heads are taken
+  const bool block_contig = heads_contig && Hc == g.num_heads && g.stride_token == g.num_heads * D;
+#pragma omp parallel for schedule(static)
+  for (int64_t it = 0; it < items; ++it) {
+    const int64_t l = it / (2 * nblk), c = (it / nblk) % 2, j = it % nblk;
+    const T* base = layers[l] + cache_offset(g, static_cast<int64_t>(table[j]), c, 0, p.head_start);
+    const int64_t t0 = j * bs, nt = kmin(bs, p.num_tokens - t0);
+    const int64_t first = ((l * 2 + c) * p.num_tokens + t0) * row;  // payload element index
+    if (p.quant == Quant::kNone) {
+      T* dst = reinterpret_cast<T*>(payload) + first;
+      if (block_contig) {
+        std::memcpy(dst, base, static_cast<size_t>(nt * row) * sizeof(T));
+      } else if (heads_contig) {
+        for (int64_t o = 0; o < nt; ++o)
+          std::memcpy(dst + o * row, base + o * g.stride_token, static_cast<size_t>(row) * sizeof(T));
+      } else {
+        for (int64_t o = 0; o < nt; ++o)
+          for (int64_t h = 0; h < Hc; ++h)
+            std::memcpy(dst + o * row + h * D, base + o * g.stride_token + h * g.stride_head,
+                        static_cast<size_t>(D) * sizeof(T));
+      }
+      continue;
+    }
+    // Quantized: one scale per (block, head) from the block's absolute maximum.
+    uint8_t* dst = payload + first;
+    float* sc = scales + ((l * 2 + c) * nblk + j) * Hc;
+    using Bits = typename AbsBits<T>::type;
+    for (int64_t h = 0; h < Hc; ++h) {
+      Bits mx = 0;
+      for (int64_t o = 0; o < nt; ++o) {
+        const T* src = base + o * g.stride_token + h * g.stride_head;
+        for (int64_t d = 0; d < D; ++d) mx = kmax(mx, abs_bits(src[d]));
+      }
+      const bool finite = mx < AbsBits<T>::kInf;
+      const QuantParams qp = quant_params(p.quant, from_abs_bits(mx, static_cast<T*>(nullptr)));
+      sc[h] = finite ? qp.scale : std::numeric_limits<float>::quiet_NaN();  // flagged below
+      if (!finite) continue;
+      for (int64_t o = 0; o < nt; ++o)
+        quantize_row(p.quant, base + o * g.stride_token + h * g.stride_head, dst + o * row + h * D,
+                     D, qp.inv);
+    }
+  }
+  if (p.quant != Quant::kNone) {
+    // non-finite values have no meaningful scale: report instead of sending garbage
+    const int64_t ns = p.num_layers * 2 * nblk * Hc;
+    for (int64_t i = 0; i < ns; ++i)
+      if (scales[i] != scales[i])  /* NaN */ return Status::kInvalidArgument;
+  }
+  return Status::kOk;
+}
+
+// ---- unpack ----------------------------------------------------------------------------------
+
+struct UnpackParams {
+  CacheGeom g;             // destination geometry
+  int64_t head_start = 0;  // destination head of the buffer's first head
+};
+
+// Payload element type P (float, bf16_t, f16_t, or uint8_t for quantized payloads) into a
+// destination cache of type T. layers[i] is the destination of the buffer's i-th layer.
+template <typename P, typename T, typename Idx>
+Status unpack_cpu(const uint8_t* buf, const BufferHeader& hdr, T* const* layers, const Idx* table,
+                  int64_t table_len, const UnpackParams& p) {
+  const CacheGeom& g = p.g;
+  const int64_t T_ = hdr.num_tokens, Hc = hdr.num_heads, D = hdr.head_dim, bs = g.block_size;
+  const int64_t nblk = ceil_div(T_, bs);
+  if (D != g.head_dim || p.head_start < 0 || p.head_start + Hc > g.num_heads) return Status::kInvalidArgument;
+  if (nblk > table_len || find_bad_block(table, nblk, g.num_blocks) >= 0) return Status::kInvalidArgument;
+  const Quant quant = static_cast<Quant>(hdr.quant);
+  const int64_t row = Hc * D;
+  const P* payload = reinterpret_cast<const P*>(buf + hdr.payload_offset);
+  const float* scales = reinterpret_cast<const float*>(buf + hdr.scales_offset);
+  const int64_t sgroup = hdr.scale_group, ngroups = quant == Quant::kNone ? 0 : ceil_div(T_, sgroup);
+  const bool heads_contig = g.stride_head == D;
+  const bool block_contig = heads_contig && Hc == g.num_heads && g.stride_token == g.num_heads * D;
+  const int64_t items = hdr.num_layers * 2 * nblk;
+#pragma omp parallel for schedule(static)
+  for (int64_t it = 0; it < items; ++it) {
+    const int64_t l = it / (2 * nblk), c = (it / nblk) % 2, j = it % nblk;
+    T* base = layers[l] + cache_offset(g, static_cast<int64_t>(table[j]), c, 0, p.head_start);
+    const int64_t t0 = j * bs, nt = kmin(bs, T_ - t0);
+    const P* src = payload + ((l * 2 + c) * T_ + t0) * row;
+    if (quant == Quant::kNone) {
+      if (block_contig) {
+        convert_row(src, base, nt * row);
+      } else if (heads_contig) {
+        for (int64_t o = 0; o < nt; ++o) convert_row(src + o * row, base + o * g.stride_token, row);
+      } else {
+        for (int64_t o = 0; o < nt; ++o)
+          for (int64_t h = 0; h < Hc; ++h)
+            convert_row(src + o * row + h * D, base + o * g.stride_token + h * g.stride_head, D);
+      }
+      continue;
+    }
+    const float* sc = scales + (l * 2 + c) * ngroups * Hc;
+    const uint8_t* q = reinterpret_cast<const uint8_t*>(src);
+    for (int64_t o = 0; o < nt; ++o) {
+      const float* s = sc + ((t0 + o) / sgroup) * Hc;
+      for (int64_t h = 0; h < Hc; ++h) {
+        const uint8_t* qr = q + o * row + h * D;
+        T* dst = base + o * g.stride_token + h * g.stride_head;
+        dequantize_row(quant, qr, dst, D, s[h]);
+      }
+    }
+  }
+  return Status::kOk;
+}
+
+// ---- compact ---------------------------------------------------------------------------------
+
+// For each layer and K/V: position dst_start + i <- position src[i] (positions index the
+// request's tokens through the block table). Overlapping ranges are handled: when every source
+// lies at or after its destination and sources increase, copying in order never overwrites a
+// source before it is read (the usual case after speculative verification); otherwise the
+// sources are first gathered into a scratch buffer.
+template <typename T, typename Idx, typename Pos>
+Status compact_cpu(T* const* layers, int64_t num_layers, const CacheGeom& g, const Idx* table,
+                   int64_t table_len, const Pos* src, int64_t n, int64_t dst_start) {
+  const int64_t bs = g.block_size, H = g.num_heads, D = g.head_dim, cap = table_len * bs;
+  if (dst_start < 0 || dst_start + n > cap) return Status::kInvalidArgument;
+  if (find_bad_block(table, table_len, g.num_blocks) >= 0) return Status::kInvalidArgument;
+  bool in_order = true;
+  for (int64_t i = 0; i < n; ++i) {
+    if (src[i] < 0 || static_cast<int64_t>(src[i]) >= cap) return Status::kInvalidArgument;
+    in_order &= static_cast<int64_t>(src[i]) >= dst_start + i && (i == 0 || src[i] > src[i - 1]);
+  }
+  if (n == 0) return Status::kOk;
+  const bool heads_contig = g.stride_head == D;
+  auto slot = [&](T* layer, int64_t c, int64_t pos) {
+    return layer + cache_offset(g, static_cast<int64_t>(table[pos / bs]), c, pos % bs, 0);
+  };
+  // one token's K (or V) for all heads: H*D elements, contiguous in NHD
+  auto copy_token = [&](const T* from, T* to) {
+    if (heads_contig) {
+      std::memcpy(to, from, static_cast<size_t>(H * D) * sizeof(T));
+    } else {
+      for (int64_t h = 0; h < H; ++h)
+        std::memcpy(to + h * g.stride_head, from + h * g.stride_head, static_cast<size_t>(D) * sizeof(T));
+    }
+  };
+#pragma omp parallel for schedule(static)
+  for (int64_t lc = 0; lc < num_layers * 2; ++lc) {
+    T* layer = layers[lc / 2];
+    const int64_t c = lc % 2;
+    if (in_order) {
+      for (int64_t i = 0; i < n; ++i)
+        if (static_cast<int64_t>(src[i]) != dst_start + i)
+          copy_token(slot(layer, c, src[i]), slot(layer, c, dst_start + i));
+      continue;
+    }
+    std::vector<T> scratch(static_cast<size_t>(n * H * D));
+    for (int64_t i = 0; i < n; ++i) {
+      const T* from = slot(layer, c, src[i]);
+      for (int64_t h = 0; h < H; ++h)
+        std::memcpy(scratch.data() + (i * H + h) * D, from + h * g.stride_head, static_cast<size_t>(D) * sizeof(T));
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      T* to = slot(layer, c, dst_start + i);
+      for (int64_t h = 0; h < H; ++h)
+        std::memcpy(to + h * g.stride_head, scratch.data() + (i * H + h) * D, static_cast<size_t>(D) * sizeof(T));
+    }
+  }
+  return Status::kOk;
+}
+
+}  // namespace kv
+}  // namespace disagg
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif

@@ -1,0 +1,311 @@
+"""The single-process engine: a model, a paged KV cache and a continuous-batching scheduler.
+
+``add_request`` queues work, ``step`` runs one batched forward (decode tokens and prefill
+chunks together) and returns what changed; servers drive ``step`` in a loop, ``LLM`` wraps it
+for offline use.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from typing import Callable, Optional, Union
+
+import torch
+
+from ..model import AttentionMetadata, CausalLM, resolve_model_path
+from .request import Request, RequestOutput, Status
+from .sampling import SamplingParams, apply_penalties, sample_row
+from .scheduler import ScheduledSeq, Scheduler, SchedulerConfig
+from .tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+PromptType = Union[str, dict, list]
+
+
+class Engine:
+    """Continuous-batching inference over one model in this process.
+
+    Parameters
+    ----------
+    model : str or CausalLM
+        A model folder, ``"default"`` (the packaged model), or a loaded ``CausalLM``.
+    tokenizer : str, optional
+        Folder with ``tokenizer.json``; defaults to the model folder.
+    dtype : str
+        ``"auto"`` (the checkpoint's), ``"float32"``, ``"bfloat16"``.
+    block_size : int
+        Tokens per KV block.
+    num_blocks : int, optional
+        KV blocks; by default enough for ``max_num_seqs`` full-length sequences, capped by
+        ``kv_cache_bytes``.
+    max_model_len : int, optional
+        Context length limit (prompt + generated); defaults to the config's
+        ``max_position_embeddings``, and never exceeds what the cache can hold.
+    max_num_seqs, max_num_batched_tokens, enable_chunked_prefill
+        See :class:`SchedulerConfig`.
+    """
+
+    def __init__(self, model: Union[str, CausalLM] = "default", tokenizer: Optional[str] = None,
+                 *, dtype: str = "auto", block_size: int = 16, num_blocks: Optional[int] = None,
+                 kv_cache_bytes: int = 1 << 30, max_model_len: Optional[int] = None,
+                 max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
+                 enable_chunked_prefill: bool = True):
+        from ..kv import PagedKVCache
+
+        path = None
+        if isinstance(model, CausalLM):
+            self.model = model
+        else:
+            path = resolve_model_path(model)
+            self.model = CausalLM.from_pretrained(path, dtype=dtype)
+        cfg = self.model.config
+        tok_path = tokenizer or path
+        self.tokenizer = load_tokenizer(tok_path) if tok_path else None
+        self.eos_token_ids = list(cfg.eos_token_id)
+        if not self.eos_token_ids and self.tokenizer is not None:
+            self.eos_token_ids = list(self.tokenizer.eos_token_ids)
+        max_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        if num_blocks is None:
+            bytes_per_block = (2 * block_size * cfg.num_key_value_heads * cfg.head_dim
+                               * self.model.embed.element_size() * cfg.num_hidden_layers)
+            want = max_num_seqs * -(-max_len // block_size)
+            num_blocks = max(1, min(want, kv_cache_bytes // bytes_per_block))
+        self.block_size = block_size
+        self.kv = PagedKVCache(cfg.num_hidden_layers, num_blocks, block_size,
+                               cfg.num_key_value_heads, cfg.head_dim, dtype=self.model.dtype)
+        # One request alone must always fit, or preemption could never make progress.
+        self.max_model_len = min(max_len, num_blocks * block_size)
+        self.scheduler = Scheduler(
+            SchedulerConfig(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill),
+            self.kv, self.max_model_len)
+        self.requests: dict = {}
+        self._pending: list = []  # outputs produced outside step() (aborts)
+        self._ids = itertools.count()
+        self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0}
+
+    # ---- requests -------------------------------------------------------------------------
+
+    def _prompt_ids(self, prompt: PromptType) -> tuple:
+        vocab = self.model.config.vocab_size
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                ids = prompt["prompt_token_ids"]
+                text = prompt.get("prompt")
+            elif "prompt" in prompt:
+                return self._prompt_ids(prompt["prompt"])
+            else:
+                raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+        elif isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("empty prompt")
+            if self.tokenizer is None:
+                raise ValueError("the model has no tokenizer.json: give prompt_token_ids")
+            ids, text = self.tokenizer.encode(prompt), prompt
+        elif isinstance(prompt, (list, tuple)):
+            ids, text = prompt, None
+        else:
+            raise ValueError(f"unsupported prompt type {type(prompt).__name__}")
+        if not isinstance(ids, (list, tuple)) or not all(
+                isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise ValueError("prompt_token_ids must be a list of ints")
+        if not ids:
+            raise ValueError("empty prompt (no tokens)")
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(ids)} tokens, but the context length "
+                             f"(max_model_len) is {self.max_model_len}: no room to generate")
+        return list(ids), text
+
+    def add_request(self, prompt: PromptType, params: Optional[SamplingParams] = None,
+                    request_id: Optional[str] = None,
+                    callback: Optional[Callable[[RequestOutput], None]] = None) -> str:
+        """Queue a request; returns its id.
+
+        Parameters
+        ----------
+        prompt : str, list of int, or dict
+            Text, token ids, or ``{"prompt_token_ids": [...]}`` / ``{"prompt": "..."}``.
+        params : SamplingParams
+        callback : callable, optional
+            Called with the request's ``RequestOutput`` after every new token (streaming)
+            and when it finishes.
+
+        Raises
+        ------
+        ValueError
+            For a bad prompt or bad sampling values; nothing is queued and other requests
+            are unaffected.
+        """
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+        params.validate()
+        ids, text = self._prompt_ids(prompt)
+        rid = str(request_id) if request_id is not None else f"req-{next(self._ids)}"
+        if rid in self.requests:
+            raise ValueError(f"request id {rid!r} is already in use")
+        req = Request(rid, text, ids, params, self.eos_token_ids, callback)
+        self.requests[rid] = req
+        self.scheduler.add(req)
+        return rid
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request and free its blocks; returns False if it is unknown or done."""
+        req = self.requests.get(request_id)
+        if req is None or req.finished:
+            return False
+        self._finish(req, "abort")
+        self._pending.append(req.to_output())
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    def num_unfinished(self) -> int:
+        return len(self.scheduler.waiting) + len(self.scheduler.running)
+
+    # ---- stepping -------------------------------------------------------------------------
+
+    def _finish(self, req: Request, reason: str, stop_reason=None, error: Optional[str] = None):
+        self.scheduler.remove(req)
+        req.status = Status.FINISHED
+        req.finish_reason = reason
+        req.stop_reason = stop_reason
+        req.error = error
+        req.finished_time = time.perf_counter()
+        if req.stop_reason is None or not isinstance(req.stop_reason, str):
+            req.text = self._detok(req)
+        self.requests.pop(req.request_id, None)
+
+    def _detok(self, req: Request) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(req.output_token_ids,
+                                     skip_special_tokens=req.params.skip_special_tokens)
+
+    def _new_tokens(self, s: ScheduledSeq) -> list:
+        req = s.req
+        np_ = len(req.prompt_token_ids)
+        a, b = s.start, s.start + s.num_new
+        if a >= np_:
+            return req.output_token_ids[a - np_:b - np_]
+        return req.prompt_token_ids[a:b] + req.output_token_ids[:max(0, b - np_)]
+
+    def _check_stop(self, req: Request, tok: int) -> None:
+        p = req.params
+        if tok in req.stop_ids:
+            reason = None if tok in self.eos_token_ids and tok not in (p.stop_token_ids or []) \
+                else tok
+            self._finish(req, "stop", reason)
+            return
+        if p.stop_strings:
+            prev = len(req.text)
+            req.text = self._detok(req)
+            start = max(0, prev - max(len(s) for s in p.stop_strings))
+            hit = None
+            for s in p.stop_strings:
+                j = req.text.find(s, start)
+                if j >= 0 and (hit is None or j < hit[0]):
+                    hit = (j, s)
+            if hit is not None:
+                j, s = hit
+                req.text = req.text[:j + len(s)] if p.include_stop_str_in_output else req.text[:j]
+                self._finish(req, "stop", s)
+                return
+        if len(req.output_token_ids) >= p.max_tokens or req.num_tokens >= self.max_model_len:
+            self._finish(req, "length")
+
+    def step(self) -> list:
+        """Run one scheduling step and forward pass.
+
+        Returns
+        -------
+        list of RequestOutput
+            One per request that produced a token or finished in this step (plus aborts
+            since the last step).
+        """
+        outputs, self._pending = self._pending, []
+        sched = self.scheduler.schedule()
+        if not sched:
+            return outputs
+        # Decode rows first: AttentionMetadata batches them in one attention call.
+        sched.sort(key=lambda s: s.num_new != 1)
+        ids, pos, slots, seqs, rows, sampled = [], [], [], [], [], []
+        bs = self.block_size
+        row = 0
+        for s in sched:
+            end = s.start + s.num_new
+            blocks = self.kv.block_ids(s.req.request_id)
+            ids.extend(self._new_tokens(s))
+            # Slots and block tables from plain lists: per-request tensor ops here cost more
+            # than the model's own work at small batch sizes.
+            for p in range(s.start, end):
+                pos.append(p)
+                slots.append(blocks[p // bs] * bs + p % bs)
+            seqs.append((s.num_new, end, blocks))
+            row += s.num_new
+            if s.samples:
+                rows.append(row - 1)
+                sampled.append(s)
+            if s.num_new == 1:
+                self.stats["decode_tokens"] += 1
+            else:
+                self.stats["prefill_tokens"] += s.num_new
+        self.stats["steps"] += 1
+        try:
+            meta = AttentionMetadata.build(seqs, bs, torch.tensor(slots, dtype=torch.long),
+                                           self.model.config.sliding_window)
+            logits = self.model.forward(torch.tensor(ids, dtype=torch.long),
+                                        torch.tensor(pos, dtype=torch.long), meta,
+                                        self.kv.caches, torch.tensor(rows, dtype=torch.long))
+        except Exception as e:  # a failed forward fails its batch, not the engine
+            log.exception("forward failed")
+            for s in sched:
+                self._finish(s.req, "error", error=f"forward failed: {e}")
+                outputs.append(s.req.to_output())
+            return outputs
+        for s in sched:
+            s.req.num_computed += s.num_new
+        greedy = logits.argmax(-1).tolist()
+        now = time.perf_counter()
+        for k, s in enumerate(sampled):
+            req = s.req
+            try:
+                p = req.params
+                if p.greedy and not p.has_penalties:
+                    tok = greedy[k]
+                else:
+                    lg = logits[k]
+                    if p.has_penalties:
+                        lg = apply_penalties(lg, req.prompt_token_ids, req.output_token_ids, p)
+                    tok = sample_row(lg, p, req.generator)
+                req.output_token_ids.append(tok)
+                if req.first_token_time is None:
+                    req.first_token_time = now
+                self._check_stop(req, tok)
+                out = req.to_output()
+                if req.callback is not None:
+                    if not req.finished and not p.stop_strings:
+                        req.text = self._detok(req)
+                        out = req.to_output()
+                    req.callback(out)
+                outputs.append(out)
+            except Exception as e:  # one request's failure (bad logits, callback) is its own
+                log.exception("request %s failed", req.request_id)
+                if not req.finished:
+                    self._finish(req, "error", error=f"{type(e).__name__}: {e}")
+                outputs.append(req.to_output())
+        return outputs
+
+    def run(self) -> list:
+        """Step until every request is done; returns the final outputs in finishing order."""
+        done = []
+        while self.has_unfinished() or self._pending:
+            for out in self.step():
+                if out.finished:
+                    done.append(out)
+        return done

@@ -1,0 +1,146 @@
+"""Attention over a paged KV cache, and the per-step metadata that describes a batch.
+
+A batch is a flat list of new tokens from several sequences: decode sequences (one new token
+each) first, then prefill chunks. Each new token's K/V is written into the cache at its slot,
+then decode rows attend in one batched call and each prefill chunk attends on its own.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .. import ops
+
+
+@dataclass
+class PrefillChunk:
+    start: int  # first row of the chunk in the flat batch
+    q_len: int  # new tokens in the chunk
+    ctx_len: int  # tokens of the sequence once the chunk is written (earlier ones + q_len)
+    block_table: torch.Tensor  # [num_blocks] int64, blocks holding positions 0..ctx_len-1
+
+
+@dataclass
+class AttentionMetadata:
+    """Everything attention needs about one forward step, shared by all layers.
+
+    Build it with :meth:`build`; rows ``0..num_decode-1`` are decode tokens.
+    """
+
+    slot_mapping: torch.Tensor  # [N] int64 flat cache slot of each new token
+    block_size: int
+    num_decode: int = 0
+    decode_block_tables: Optional[torch.Tensor] = None  # [B, max_blocks] int64
+    decode_ctx_lens: Optional[torch.Tensor] = None  # [B] int64 (including the new token)
+    prefills: list = field(default_factory=list)
+    sliding_window: Optional[int] = None
+
+    @classmethod
+    def build(cls, seqs: Sequence[tuple], block_size: int, slot_mapping: torch.Tensor,
+              sliding_window: Optional[int] = None) -> "AttentionMetadata":
+        """From ``(q_len, ctx_len, block_table)`` per sequence, in row order, where
+        ``block_table`` is a list or tensor of block ids; all sequences with ``q_len == 1``
+        must come first (they are batched as decode)."""
+        meta = cls(slot_mapping=slot_mapping, block_size=block_size,
+                   sliding_window=sliding_window)
+        nd = 0
+        while nd < len(seqs) and seqs[nd][0] == 1:
+            nd += 1
+        meta.num_decode = nd
+        if nd:
+            ctx = [s[1] for s in seqs[:nd]]
+            max_blocks = max((c + block_size - 1) // block_size for c in ctx)
+            table = []
+            for _, _, t in seqs[:nd]:
+                t = t.tolist() if isinstance(t, torch.Tensor) else list(t)
+                t = t[:max_blocks]
+                table.append(t + [0] * (max_blocks - len(t)))
+            meta.decode_block_tables = torch.tensor(table, dtype=torch.int64)
+            meta.decode_ctx_lens = torch.tensor(ctx, dtype=torch.int64)
+        row = nd
+        for q_len, ctx_len, table in seqs[nd:]:
+            table = torch.as_tensor(table, dtype=torch.int64)
+            meta.prefills.append(PrefillChunk(row, q_len, ctx_len, table))
+            row += q_len
+        return meta
+
+
+def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+    """Store new ``k, v [N, Hkv, D]`` into ``cache [NB, 2, bs, Hkv, D]`` at flat ``slots``."""
+    nb, _, bs = cache.shape[:3]
+    blk, off = slots // bs, slots % bs
+    cache[blk, 0, off] = k
+    cache[blk, 1, off] = v
+
+
+def _gather(cache: torch.Tensor, table: torch.Tensor, n: int, which: int) -> torch.Tensor:
+    # [blocks, bs, H, D] -> [n, H, D]: the sequence's first n positions in order.
+    x = cache[table, which]
+    return x.reshape(-1, x.shape[-2], x.shape[-1])[:n]
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor,
+                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Attention for a flat batch ``q [N, Hq, D]`` with new ``k, v [N, Hkv, D]``.
+
+    Writes the new K/V into ``cache`` and returns ``[N, Hq, D]``.
+    """
+    write_kv(cache, k, v, meta.slot_mapping)
+    out = torch.empty_like(q)
+    hq, hkv = q.shape[1], k.shape[1]
+    gqa = hq != hkv
+    nd = meta.num_decode
+    if nd:
+        out[:nd] = decode_attention(q[:nd], cache, meta, scale)
+    for c in meta.prefills:
+        qc = q[c.start:c.start + c.q_len].transpose(0, 1)[None]  # [1, Hq, q, D]
+        if c.ctx_len == c.q_len and meta.sliding_window is None:
+            # A whole prompt in one chunk: its K/V are the fresh ones, no gather needed.
+            kc = k[c.start:c.start + c.q_len].transpose(0, 1)[None]
+            vc = v[c.start:c.start + c.q_len].transpose(0, 1)[None]
+            o = F.scaled_dot_product_attention(qc, kc, vc, is_causal=True, scale=scale,
+                                               enable_gqa=gqa)
+        else:
+            kc = _gather(cache, c.block_table, c.ctx_len, 0).transpose(0, 1)[None]
+            vc = _gather(cache, c.block_table, c.ctx_len, 1).transpose(0, 1)[None]
+            q_pos = torch.arange(c.ctx_len - c.q_len, c.ctx_len)
+            k_pos = torch.arange(c.ctx_len)
+            mask = k_pos[None, :] <= q_pos[:, None]
+            if meta.sliding_window is not None:
+                mask &= k_pos[None, :] > (q_pos[:, None] - meta.sliding_window)
+            o = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask, scale=scale,
+                                               enable_gqa=gqa)
+        out[c.start:c.start + c.q_len] = o[0].transpose(0, 1)
+    return out
+
+
+def decode_attention(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata,
+                     scale: float) -> torch.Tensor:
+    """One query token per sequence, ``q [B, Hq, D]`` -> ``[B, Hq, D]``.
+
+    Reads the pages in place with the ``paged_decode_attention`` op: gathering them for SDPA
+    copies the whole context every layer and step, which dominated long-context decode.
+    """
+    return ops.paged_decode_attention(q, cache, meta.decode_block_tables, meta.decode_ctx_lens,
+                                      scale, meta.sliding_window or 0)
+
+
+def decode_attention_sdpa(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata,
+                          scale: float) -> torch.Tensor:
+    """The gather + SDPA path ``decode_attention`` replaced (kept for comparison)."""
+    bt = meta.decode_block_tables
+    B, nblk = bt.shape
+    bs, hkv, d = cache.shape[2:]
+    k = cache[bt, 0].reshape(B, nblk * bs, hkv, d).transpose(1, 2)
+    v = cache[bt, 1].reshape(B, nblk * bs, hkv, d).transpose(1, 2)
+    lens = meta.decode_ctx_lens
+    k_pos = torch.arange(nblk * bs)
+    mask = k_pos[None, :] < lens[:, None]
+    if meta.sliding_window is not None:
+        mask &= k_pos[None, :] > (lens[:, None] - 1 - meta.sliding_window)
+    o = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=mask[:, None, None, :],
+                                       scale=scale, enable_gqa=q.shape[1] != hkv)
+    return o[:, :, 0, :]

@@ -1,0 +1,270 @@
+"""The decoder-only transformer for every supported family, on the library's MoE ops.
+
+Weights are plain tensors (no ``nn.Module``): the runtime only runs inference, and skipping
+module dispatch keeps the per-layer Python cost low, which matters for small-batch decode.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import ops
+from .attention import AttentionMetadata, paged_attention
+from .config import ModelConfig
+from .loader import WeightStore
+from .rope import RotaryEmbedding, apply_rope
+
+_DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
+           "float16": torch.float16, "half": torch.float16}
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF's RMSNorm: normalise in float32, cast back, then scale."""
+    if x.dtype == torch.float32:
+        # The fused op computes exactly this in float32, in one call instead of six.
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def _act(name: str):
+    if name in ("silu", "swish"):
+        return F.silu
+    if name in ("gelu", "gelu_pytorch_tanh"):
+        return (lambda x: F.gelu(x, approximate="tanh")) if name.endswith("tanh") else F.gelu
+    raise ValueError(f"unsupported hidden_act {name!r}")
+
+
+class DenseMLP:
+    """SwiGLU MLP with gate and up fused into one matmul."""
+
+    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, act):
+        self.gate_up, self.down, self.act = gate_up, down, act
+        self.inter = down.shape[1]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.linear(x, self.gate_up)
+        return F.linear(self.act(h[:, :self.inter]) * h[:, self.inter:], self.down)
+
+
+class MoE:
+    """Routed experts: ``route`` -> ``moe_layout`` -> ``moe_permute`` -> expert matmuls ->
+    ``moe_combine``; plus Qwen2-MoE's gated shared expert.
+
+    The expert matmuls run one of two ways over the same ops' layouts: for small batches
+    (decode) the padded ``[E, capacity, H]`` layout and one batched matmul pair for all experts,
+    since a Python loop over experts costs more than the padding; for large batches (prefill)
+    the compact layout and one matmul pair per expert over its ``expert_offsets`` segment.
+
+    Parameters
+    ----------
+    gate : Tensor [E, H]
+        Router weight.
+    gate_up : Tensor [E, 2I, H]; down : Tensor [E, H, I]
+        As stored by HF; kept transposed (``[E, H, 2I]``, ``[E, I, H]``) for the matmuls.
+    """
+
+    def __init__(self, gate, gate_up, down, top_k: int, renormalize: bool, act,
+                 shared: Optional[DenseMLP] = None, shared_gate: Optional[torch.Tensor] = None):
+        self.gate = gate
+        self.w13 = gate_up.transpose(1, 2).contiguous()
+        self.w2 = down.transpose(1, 2).contiguous()
+        self.num_experts = gate.shape[0]
+        self.inter = down.shape[2]
+        self.top_k, self.renormalize, self.act = top_k, renormalize, act
+        self.shared, self.shared_gate = shared, shared_gate
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(x, self.gate)
+        r = ops.route(logits, self.top_k, renormalize=self.renormalize)
+        E, I, k = self.num_experts, self.inter, self.top_k
+        rows = x.shape[0] * k
+        cap = int(r.counts.max())
+        if E * cap <= 2 * rows:
+            lay = ops.moe_layout(r.ids, E, capacity=cap, slots=r.slots)
+            xp = ops.moe_permute(x, lay.src, k).view(E, cap, -1)
+            h = torch.bmm(xp, self.w13)
+            y = torch.bmm(self.act(h[..., :I]) * h[..., I:], self.w2).view(E * cap, -1)
+        else:
+            lay = ops.moe_layout(r.ids, E)
+            xp = ops.moe_permute(x, lay.src, k)
+            y = torch.empty_like(xp)
+            offs = lay.expert_offsets.tolist()
+            for e in range(E):
+                s, t = offs[e], offs[e + 1]
+                if t == s:
+                    continue
+                h = torch.mm(xp[s:t], self.w13[e])
+                torch.mm(self.act(h[:, :I]) * h[:, I:], self.w2[e], out=y[s:t])
+        out = ops.moe_combine(y, lay.dest, r.weights, out_dtype=x.dtype)
+        if self.shared is not None:
+            out = out + torch.sigmoid(F.linear(x, self.shared_gate)) * self.shared(x)
+        return out
+
+
+class DecoderLayer:
+    def __init__(self, cfg: ModelConfig, w: dict, mlp):
+        self.cfg = cfg
+        self.w = w
+        self.mlp = mlp
+        self.nh, self.nkv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_size = self.nh * self.hd
+        self.kv_size = self.nkv * self.hd
+        self.scale = self.hd ** -0.5
+
+    def __call__(self, h: torch.Tensor, cos, sin, meta: AttentionMetadata,
+                 cache: torch.Tensor) -> torch.Tensor:
+        w, eps = self.w, self.cfg.rms_norm_eps
+        x = rms_norm(h, w["input_norm"], eps)
+        qkv = F.linear(x, w["qkv"], w.get("qkv_bias"))
+        N = qkv.shape[0]
+        qs, ks = self.q_size, self.kv_size
+        v = qkv[:, qs + ks:].reshape(N, self.nkv, self.hd)
+        if "q_norm" in w:
+            q = rms_norm(qkv[:, :qs].reshape(N, self.nh, self.hd), w["q_norm"], eps)
+            k = rms_norm(qkv[:, qs:qs + ks].reshape(N, self.nkv, self.hd), w["k_norm"], eps)
+            qk = torch.cat((q, k), 1)
+        else:
+            qk = qkv[:, :qs + ks].view(N, self.nh + self.nkv, self.hd)
+        # q and k heads rotate together: one RoPE call per layer instead of two.
+        qk = apply_rope(qk, cos, sin)
+        q, k = qk[:, :self.nh], qk[:, self.nh:]
+        a = paged_attention(q, k, v, cache, meta, self.scale)
+        h = h + F.linear(a.reshape(N, self.q_size), w["o"], w.get("o_bias"))
+        return h + self.mlp(rms_norm(h, w["post_norm"], eps))
+
+
+class CausalLM:
+    """A loaded model. ``forward`` runs one step over a flat batch of new tokens.
+
+    Use :meth:`from_pretrained` to load an HF folder.
+    """
+
+    def __init__(self, cfg: ModelConfig, embed, layers, norm, lm_head, dtype: torch.dtype):
+        self.config = cfg
+        self.embed, self.layers, self.norm, self.lm_head = embed, layers, norm, lm_head
+        self.dtype = dtype
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings,
+                                    cfg.rope_scaling)
+
+    @classmethod
+    def from_pretrained(cls, path: str, dtype="auto") -> "CausalLM":
+        """Load ``config.json`` + safetensors from ``path``.
+
+        Parameters
+        ----------
+        dtype : "auto", str or torch.dtype
+            ``"auto"`` keeps the checkpoint's ``torch_dtype`` (float16 becomes bfloat16, which
+            CPUs handle better); otherwise float32 / bfloat16 / float16.
+
+        Raises
+        ------
+        ValueError
+            Unknown architecture or dtype. ``KeyError``: a missing tensor, named.
+        """
+        cfg = ModelConfig.from_file(path)
+        if dtype == "auto":
+            dtype = _DTYPES.get(cfg.torch_dtype, torch.float32)
+            if dtype == torch.float16:
+                dtype = torch.bfloat16
+        elif isinstance(dtype, str):
+            if dtype not in _DTYPES:
+                raise ValueError(f"unsupported dtype {dtype!r}; use float32, bfloat16 or float16")
+            dtype = _DTYPES[dtype]
+        ws = WeightStore(path, dtype)
+        return cls._build(cfg, ws, dtype)
+
+    @classmethod
+    def _build(cls, cfg: ModelConfig, ws: WeightStore, dtype) -> "CausalLM":
+        act = _act(cfg.hidden_act)
+        embed = ws.require("model.embed_tokens.weight")
+        layers = []
+        for i in range(cfg.num_hidden_layers):
+            p = f"model.layers.{i}."
+            a = p + "self_attn."
+            w = {
+                "input_norm": ws.require(p + "input_layernorm.weight"),
+                "post_norm": ws.require(p + "post_attention_layernorm.weight"),
+                "qkv": torch.cat([ws.require(a + f"{n}_proj.weight") for n in "qkv"]),
+                "o": ws.require(a + "o_proj.weight"),
+            }
+            if cfg.attention_bias or ws.has(a + "q_proj.bias"):
+                w["qkv_bias"] = torch.cat([ws.require(a + f"{n}_proj.bias") for n in "qkv"])
+            if ws.has(a + "o_proj.bias"):  # Llama's attention_bias covers o_proj too
+                w["o_bias"] = ws.get(a + "o_proj.bias")
+            if cfg.qk_norm:
+                w["q_norm"] = ws.require(a + "q_norm.weight")
+                w["k_norm"] = ws.require(a + "k_norm.weight")
+            layers.append(DecoderLayer(cfg, w, cls._mlp(cfg, ws, i, act)))
+        norm = ws.require("model.norm.weight")
+        if cfg.tie_word_embeddings or not ws.has("lm_head.weight"):
+            if not cfg.tie_word_embeddings:
+                raise KeyError(f"checkpoint {ws.path!r} is missing tensor 'lm_head.weight'")
+            lm_head = embed
+        else:
+            lm_head = ws.get("lm_head.weight")
+        return cls(cfg, embed, layers, norm, lm_head, dtype)
+
+    @staticmethod
+    def _mlp(cfg: ModelConfig, ws: WeightStore, i: int, act):
+        p = f"model.layers.{i}."
+        if not cfg.is_moe_layer(i):
+            return DenseMLP(torch.cat([ws.require(p + "mlp.gate_proj.weight"),
+                                       ws.require(p + "mlp.up_proj.weight")]),
+                            ws.require(p + "mlp.down_proj.weight"), act)
+        E = cfg.num_experts
+        if cfg.family == "mixtral":
+            # Original Mixtral names (w1 = gate, w3 = up, w2 = down) or the fused layout.
+            m = p + "block_sparse_moe." if ws.has(p + "block_sparse_moe.gate.weight") else p + "mlp."
+            names = ("w1", "w3", "w2")
+        else:
+            m = p + "mlp."
+            names = ("gate_proj", "up_proj", "down_proj")
+        gate = ws.require(m + "gate.weight")
+        if ws.has(m + "experts.gate_up_proj"):
+            gate_up = ws.get(m + "experts.gate_up_proj")
+            down = ws.require(m + "experts.down_proj")
+        else:
+            g, u, d = names
+            gate_up = torch.stack([torch.cat([ws.require(m + f"experts.{e}.{g}.weight"),
+                                              ws.require(m + f"experts.{e}.{u}.weight")])
+                                   for e in range(E)])
+            down = torch.stack([ws.require(m + f"experts.{e}.{d}.weight") for e in range(E)])
+        shared = shared_gate = None
+        if cfg.shared_expert_intermediate_size:
+            s = m + "shared_expert."
+            shared = DenseMLP(torch.cat([ws.require(s + "gate_proj.weight"),
+                                         ws.require(s + "up_proj.weight")]),
+                              ws.require(s + "down_proj.weight"), act)
+            shared_gate = ws.require(m + "shared_expert_gate.weight")
+        return MoE(gate, gate_up, down, cfg.num_experts_per_tok, cfg.norm_topk_prob, act,
+                   shared, shared_gate)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                kv_caches: list, logits_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One step over a flat batch.
+
+        Parameters
+        ----------
+        input_ids, positions : Tensor [N] int64
+        meta : AttentionMetadata
+        kv_caches : list of Tensor [num_blocks, 2, block_size, kv_heads, head_dim], per layer
+        logits_rows : Tensor [M] int64, optional
+            Rows whose logits are wanted (e.g. the last token of each sequence); all if None.
+
+        Returns
+        -------
+        Tensor [M, vocab] float32 logits.
+        """
+        h = self.embed[input_ids]
+        cos, sin = self.rope.cos_sin(positions, self.dtype)
+        for layer, cache in zip(self.layers, kv_caches):
+            h = layer(h, cos, sin, meta, cache)
+        if logits_rows is not None:
+            h = h[logits_rows]
+        h = rms_norm(h, self.norm, self.config.rms_norm_eps)
+        return F.linear(h, self.lm_head).float()

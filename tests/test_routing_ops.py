@@ -1,0 +1,329 @@
+"""Routing ops (route, moe_layout, moe_permute, moe_combine) against their references."""
+import itertools
+import math
+
+import pytest
+import torch
+
+import disagg
+from disagg import ops
+from disagg import reference as ref
+
+FLOATS = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def assert_route_equal(out, exp):
+    torch.testing.assert_close(out.ids, exp.ids, rtol=0, atol=0)
+    torch.testing.assert_close(out.slots, exp.slots, rtol=0, atol=0)
+    torch.testing.assert_close(out.counts, exp.counts, rtol=0, atol=0)
+    torch.testing.assert_close(out.weights, exp.weights, rtol=1e-5, atol=1e-6)
+
+
+def _cases():
+    """A sample of the (T, E, k, dtype) cross product that still covers every value."""
+    Ts = [1, 7, 128, 8192]
+    Es = [1, 3, 8, 60, 64, 256, 1024]
+    ks = [1, 2, 6, 8]
+    cases = []
+    for i, (E, k) in enumerate(itertools.product(Es, ks)):
+        if k > E:
+            continue
+        T = Ts[i % len(Ts)]
+        if T * E > 8192 * 256:  # keep the reference's Python loops quick
+            T = 512
+        cases.append((T, E, k, FLOATS[i % 3]))
+    return cases
+
+
+@pytest.mark.parametrize("T,E,k,dtype", _cases())
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+def test_route_dropless_matches_reference(T, E, k, dtype, scoring):
+    g = torch.Generator().manual_seed(T * 1000 + E * 10 + k)
+    logits = (torch.randn(T, E, generator=g) * 2).to(dtype)
+    assert_route_equal(ops.route(logits, k, scoring=scoring), ref.route(logits, k, scoring=scoring))
+
+
+@pytest.mark.parametrize("policy", ["position", "probs"])
+@pytest.mark.parametrize("overflow", ["drop", "reroute"])
+@pytest.mark.parametrize("T,E,k,cf", [(64, 8, 2, 1.0), (257, 60, 6, 1.25), (1024, 64, 8, 0.5),
+                                      (33, 3, 2, 0.7), (300, 256, 8, 2.0)])
+def test_route_capacity_matches_reference(T, E, k, cf, policy, overflow):
+    g = torch.Generator().manual_seed(T + E + k)
+    # skewed logits so that some experts overflow
+    logits = torch.randn(T, E, generator=g) + torch.linspace(2, 0, E)
+    kw = dict(capacity_factor=cf, drop_policy=policy, overflow=overflow)
+    out = ops.route(logits, k, **kw)
+    assert_route_equal(out, ref.route(logits, k, **kw))
+    C = ops.route_capacity(cf, T, k, E)
+    assert int(out.counts.max()) <= C
+    # every kept assignment has a distinct slot < C inside its expert
+    kept = out.ids >= 0
+    pairs = set(zip(out.ids[kept].tolist(), out.slots[kept].tolist()))
+    assert len(pairs) == int(kept.sum())
+    assert torch.equal(torch.bincount(out.ids[kept].long(), minlength=E).int(), out.counts)
+
+
+@pytest.mark.parametrize("options", [
+    dict(num_groups=8, topk_groups=3, group_score="max"),
+    dict(num_groups=8, topk_groups=4, group_score="sum_top2", scoring="sigmoid"),
+    dict(renormalize=False, routed_scaling_factor=2.5),
+    dict(num_groups=4, topk_groups=2, capacity_factor=1.0, overflow="reroute"),
+])
+def test_route_options_match_reference(options):
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(500, 64, generator=g)
+    bias = torch.randn(64, generator=g) * 0.1
+    for b in (None, bias):
+        assert_route_equal(ops.route(logits, 6, bias=b, **options),
+                           ref.route(logits, 6, bias=b, **options))
+
+
+def test_capacity_formula():
+    assert ops.route_capacity(1.2, 100, 2, 8) == 30  # not 31 from 30.000000000000004
+    assert ops.route_capacity(1.0, 4096, 8, 64) == 512
+    assert ops.route_capacity(0.0, 10, 2, 4) == 0
+    assert ops.route_capacity(-1.0, 10, 2, 4) == 0
+    assert ops.route_capacity(0.01, 1, 1, 1024) == 1
+
+
+def test_position_policy_exact():
+    # Every token prefers expert 0, then 1, then 2. Capacity = ceil(1.0 * 4 * 1 / 4) = 1.
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]] * 4)
+    out = ops.route(logits, 1, capacity_factor=1.0, drop_policy="position", overflow="drop")
+    assert out.ids.view(-1).tolist() == [0, -1, -1, -1]
+    assert out.slots.view(-1).tolist() == [0, -1, -1, -1]
+    assert out.weights.view(-1)[1:].tolist() == [0.0, 0.0, 0.0]
+    out = ops.route(logits, 1, capacity_factor=1.0, overflow="reroute")
+    assert out.ids.view(-1).tolist() == [0, 1, 2, 3]  # each walks down its ranking
+    assert out.slots.view(-1).tolist() == [0, 0, 0, 0]
+    s = torch.softmax(logits[0], 0)
+    # a rerouted weight keeps the original normaliser (here the score of the first choice)
+    torch.testing.assert_close(out.weights.view(-1), s / s[0], rtol=1e-6, atol=1e-7)
+
+
+def test_probs_policy_exact():
+    # Two tokens want expert 0 with capacity 1: the one with the higher weight keeps it,
+    # the other is rerouted to its next-best expert with room.
+    logits = torch.tensor([[1.0, 0.0, -5.0], [5.0, 0.0, 3.0], [0.0, 9.0, 0.0]])  # p: .73, .88
+    out = ops.route(logits, 1, capacity_factor=1.0, drop_policy="probs", overflow="reroute",
+                    renormalize=False)
+    assert out.ids.view(-1).tolist() == [2, 0, 1]
+    p0 = torch.softmax(logits[0], 0)
+    assert out.weights[0, 0].item() == pytest.approx(p0[2].item(), rel=1e-6)
+    pos = ops.route(logits, 1, capacity_factor=1.0, drop_policy="position", overflow="reroute",
+                    renormalize=False)
+    assert pos.ids.view(-1).tolist() == [0, 2, 1]  # token order: token 0 keeps expert 0
+
+
+def test_reroute_drops_when_no_room():
+    logits = torch.randn(10, 2)
+    out = ops.route(logits, 2, capacity_factor=0.5, overflow="reroute")  # C = 5, 20 assignments
+    assert int((out.ids >= 0).sum()) == 10
+    assert out.counts.tolist() == [5, 5]
+
+
+def test_ties_go_to_lower_index():
+    logits = torch.zeros(5, 16, dtype=torch.bfloat16)
+    out = ops.route(logits, 4)
+    assert out.ids.tolist() == [[0, 1, 2, 3]] * 5
+    torch.testing.assert_close(out.weights, torch.full((5, 4), 0.25))
+    logits = torch.tensor([[1.0, 2.0, 2.0, 2.0, 0.0]])
+    assert ops.route(logits, 2).ids.tolist() == [[1, 2]]
+
+
+def test_logits_rank_past_exp_underflow():
+    # exp(-200) and exp(-300) both underflow to 0 in float32; the logits still order them
+    logits = torch.tensor([[-300.0, -200.0, 0.0]])
+    for scoring in ("softmax", "sigmoid"):
+        out = ops.route(logits, 2, scoring=scoring)
+        assert out.ids.tolist() == [[2, 1]]
+        assert_route_equal(out, ref.route(logits, 2, scoring=scoring))
+
+
+def test_nan_and_inf_rows():
+    inf, nan = float("inf"), float("nan")
+    logits = torch.tensor([
+        [nan, 1.0, 2.0, 0.0],        # NaN counts as -inf
+        [-inf, -inf, -inf, -inf],    # no mass: all-zero scores, lowest indices, weight 0
+        [1.0, inf, 0.0, inf],        # +inf entries share the mass
+        [nan, nan, nan, nan],
+    ])
+    for dtype in FLOATS:
+        x = logits.to(dtype)
+        out = ops.route(x, 2)
+        assert_route_equal(out, ref.route(x, 2))
+        assert out.ids.tolist() == [[2, 1], [0, 1], [1, 3], [0, 1]]
+        assert out.weights[1].tolist() == [0.0, 0.0] and out.weights[3].tolist() == [0.0, 0.0]
+        assert out.weights[2].tolist() == [0.5, 0.5]
+        assert not torch.isnan(out.weights).any()
+    sig = ops.route(logits, 2, scoring="sigmoid")
+    assert_route_equal(sig, ref.route(logits, 2, scoring="sigmoid"))
+
+
+def test_bias_changes_choice_not_weight():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    bias = torch.tensor([0.0, 0.0, 0.0, 10.0])
+    out = ops.route(logits, 2, bias=bias, renormalize=False)
+    assert out.ids.tolist() == [[3, 0]]
+    s = torch.softmax(logits[0], 0)
+    torch.testing.assert_close(out.weights[0], torch.stack([s[3], s[0]]))
+
+
+def test_noncontiguous_logits_rows():
+    base = torch.randn(40, 128)
+    x = base[:, :64]  # row stride 128, unit expert stride
+    assert_route_equal(ops.route(x, 4), ref.route(x.contiguous(), 4))
+
+
+# ---- layout / permute / combine --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("T,E,k,R", [(1, 1, 1, 1), (37, 8, 2, 2), (500, 60, 6, 4), (129, 3, 2, 3),
+                                     (2048, 256, 8, 8)])
+def test_layout_matches_reference(T, E, k, R):
+    g = torch.Generator().manual_seed(T)
+    r = ops.route(torch.randn(T, E, generator=g), k, capacity_factor=1.0)
+    for ids in (r.ids, r.ids.long()):
+        out = ops.moe_layout(ids, E, ep_size=R)
+        exp = ref.moe_layout(ids, E, ep_size=R)
+        for a, b in zip(out, exp):
+            assert torch.equal(a, b)
+    C = ops.route_capacity(1.0, T, k, E)
+    out = ops.moe_layout(r.ids, E, ep_size=R, capacity=C, slots=r.slots)
+    exp = ref.moe_layout(r.ids, E, ep_size=R, capacity=C, slots=r.slots)
+    for a, b in zip(out, exp):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("T,E,k,H", [(1, 4, 1, 8), (77, 8, 2, 64), (300, 60, 6, 96), (64, 16, 4, 1024)])
+def test_permute_combine_match_reference(T, E, k, H, dtype):
+    g = torch.Generator().manual_seed(H + T)
+    x = torch.randn(T, H, generator=g).to(dtype)
+    r = ops.route(torch.randn(T, E, generator=g), k, capacity_factor=1.1)
+    for capacity in (0, ops.route_capacity(1.1, T, k, E)):
+        lay = ops.moe_layout(r.ids, E, capacity=capacity, slots=r.slots)
+        y = ops.moe_permute(x, lay.src, k)
+        assert torch.equal(y, ref.moe_permute(x, lay.src, k))
+        y = y * 1.5 + 0.25  # "experts"
+        for od in (None, torch.float32):
+            out = ops.moe_combine(y, lay.dest, r.weights, out_dtype=od)
+            exp = ref.moe_combine(y, lay.dest, r.weights, out_dtype=od)
+            tol = dict(rtol=1e-5, atol=1e-5) if out.dtype == torch.float32 else {}
+            torch.testing.assert_close(out, exp, **tol)
+
+
+def test_dispatch_identity_roundtrip_scales_by_weights():
+    T, E, k, H = 50, 8, 2, 32
+    x = torch.randn(T, H)
+    r = ops.route(torch.randn(T, E), k)
+    lay = ops.moe_layout(r.ids, E)
+    out = ops.moe_combine(ops.moe_permute(x, lay.src, k), lay.dest, r.weights)
+    torch.testing.assert_close(out, x * r.weights.sum(1, keepdim=True))
+
+
+def test_moe_layer_matches_dense_loop():
+    """route -> layout -> permute -> per-expert FFN -> combine == the obvious per-token loop."""
+    T, E, k, H = 40, 6, 2, 16
+    g = torch.Generator().manual_seed(3)
+    x, gate = torch.randn(T, H, generator=g), torch.randn(H, E, generator=g)
+    w = torch.randn(E, H, H, generator=g) * 0.1
+    r = ops.route(x @ gate, k)
+    lay = ops.moe_layout(r.ids, E)
+    y = ops.moe_permute(x, lay.src, k)
+    off = lay.expert_offsets.tolist()
+    for e in range(E):
+        y[off[e]:off[e + 1]] = torch.tanh(y[off[e]:off[e + 1]] @ w[e])
+    out = ops.moe_combine(y, lay.dest, r.weights)
+    exp = torch.zeros(T, H)
+    for t in range(T):
+        for j in range(k):
+            e = int(r.ids[t, j])
+            exp[t] += r.weights[t, j] * torch.tanh(x[t] @ w[e])
+    torch.testing.assert_close(out, exp, rtol=1e-5, atol=1e-5)
+
+
+# ---- opcheck / compile -----------------------------------------------------------------------
+
+
+def _sample_calls():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(33, 16, generator=g)
+    r = ops.route(logits, 2, capacity_factor=1.0)
+    lay = ops.moe_layout(r.ids, 16, ep_size=2)
+    x = torch.randn(33, 24, generator=g)
+    y = ops.moe_permute(x, lay.src, 2)
+    return [
+        (torch.ops.disagg.route.default, (logits, 2, "softmax", None, 4, 2, "sum_top2", True, 1.0,
+                                          1.0, "probs", "reroute")),
+        (torch.ops.disagg.route.default, (logits.bfloat16(), 3, "sigmoid", torch.randn(16), 1, 1,
+                                          "max", False, 2.0, 0.0, "position", "drop")),
+        (torch.ops.disagg.moe_layout.default, (r.ids, 16, 2, 0, None)),
+        (torch.ops.disagg.moe_layout.default, (r.ids, 16, 1, 5, r.slots)),
+        (torch.ops.disagg.moe_permute.default, (x, lay.src, 2)),
+        (torch.ops.disagg.moe_combine.default, (y, lay.dest, r.weights, None)),
+        (torch.ops.disagg.moe_combine.default, (y.half(), lay.dest, r.weights, torch.float32)),
+    ]
+
+
+@pytest.mark.parametrize("i", range(7))
+def test_opcheck(i):
+    op, args = _sample_calls()[i]
+    torch.library.opcheck(op, args)
+
+
+def test_torch_compile_fullgraph():
+    E, k = 8, 2
+
+    def moe(x, gate):
+        r = ops.route(x @ gate, k, capacity_factor=1.5)
+        lay = ops.moe_layout(r.ids, E, capacity=6, slots=r.slots)
+        y = ops.moe_permute(x, lay.src, k) * 2.0
+        return ops.moe_combine(y, lay.dest, r.weights)
+
+    x, gate = torch.randn(16, 32), torch.randn(32, E)
+    compiled = torch.compile(moe, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, gate), moe(x, gate))
+
+
+# ---- bad input ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: ops.route(torch.randn(4), 1), "logits must be 2-D"),
+    (lambda: ops.route(torch.randn(4, 8).double(), 1), "logits must be float32"),
+    (lambda: ops.route(torch.randn(4, 8), 9), "top_k must be in"),
+    (lambda: ops.route(torch.randn(4, 8), 0), "top_k must be in"),
+    (lambda: ops.route(torch.randn(4, 0), 1), "at least one expert"),
+    (lambda: ops.route(torch.randn(4, 8), 2, scoring="relu"), "scoring must be one of"),
+    (lambda: ops.route(torch.randn(4, 8), 2, drop_policy="random"), "drop_policy"),
+    (lambda: ops.route(torch.randn(4, 8), 2, overflow="spill"), "overflow"),
+    (lambda: ops.route(torch.randn(4, 8), 2, bias=torch.randn(7)), "bias must have E=8"),
+    (lambda: ops.route(torch.randn(4, 8), 2, bias=torch.randn(8).half()), "bias must be"),
+    (lambda: ops.route(torch.randn(4, 8), 2, num_groups=3), "num_groups"),
+    (lambda: ops.route(torch.randn(4, 8), 2, num_groups=4, topk_groups=5), "topk_groups"),
+    (lambda: ops.route(torch.randn(4, 8), 5, num_groups=4, topk_groups=2), "exceeds the experts"),
+    (lambda: ops.route(torch.randn(4, 8), 2, capacity_factor=float("nan")), "capacity_factor"),
+    (lambda: ops.route(torch.randn(8, 4)[:, ::2], 1), "unit stride"),
+    (lambda: ops.moe_layout(torch.tensor([[0, 9]]), 8), "ids must be in"),
+    (lambda: ops.moe_layout(torch.tensor([[0, -2]]), 8), "ids must be in"),
+    (lambda: ops.moe_layout(torch.tensor([[0.0]]), 8), "ids must be int32 or int64"),
+    (lambda: ops.moe_layout(torch.tensor([[0, 1]]), 8, capacity=2), "slots are required"),
+    (lambda: ops.moe_layout(torch.tensor([[0, 1]]), 8, capacity=2, slots=torch.tensor([[0, 2]])),
+     "slots in"),
+    (lambda: ops.moe_layout(torch.tensor([[0], [0]]), 8, capacity=2, slots=torch.tensor([[1], [1]])),
+     "no slot used twice"),
+    (lambda: ops.moe_layout(torch.tensor([[0, 1]]), 8, ep_size=9), "ep_size"),
+    (lambda: ops.moe_permute(torch.randn(4, 8), torch.tensor([0, 8], dtype=torch.int32), 2),
+     "src entries"),
+    (lambda: ops.moe_permute(torch.randn(4, 8), torch.tensor([0, 1]), 2), "src must be Int"),
+    (lambda: ops.moe_combine(torch.randn(4, 8), torch.tensor([0, 4], dtype=torch.int32),
+                             torch.ones(1, 2)), "dest entries"),
+    (lambda: ops.moe_combine(torch.randn(4, 8), torch.tensor([0], dtype=torch.int32),
+                             torch.ones(1, 2)), "dest must have"),
+    (lambda: ops.moe_combine(torch.randn(4, 8), torch.tensor([0, 1], dtype=torch.int32),
+                             torch.ones(1, 2).half()), "weights must be"),
+])
+def test_bad_input_names_argument(call, match):
+    with pytest.raises((RuntimeError, ValueError), match=match):
+        call()
