@@ -19,4 +19,9 @@ RouteParams make_route_params(const at::Tensor& logits, int64_t top_k, const std
                               double capacity_factor, const std::string& drop_policy,
                               const std::string& overflow);
 
+// Validates moe_permute_into's arguments (shared by both backends; the device check is the
+// backend's own).
+void check_permute_args(const at::Tensor& x, const at::Tensor& src, int64_t top_k,
+                        const at::Tensor& out);
+
 }  // namespace disagg

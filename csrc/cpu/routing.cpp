@@ -153,8 +153,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_layout_cpu_op(
   return {dest, src, eoff, roff};
 }
 
-void moe_permute_into_cpu_op(const at::Tensor& x, const at::Tensor& src, int64_t top_k,
-                             at::Tensor& out) {
+}  // namespace
+
+void check_permute_args(const at::Tensor& x, const at::Tensor& src, int64_t top_k,
+                        const at::Tensor& out) {
   const char* op = "moe_permute";
   check_dim(x, 2, op, "x", "[T, H]");
   check_float(x, op, "x");
@@ -168,6 +170,17 @@ void moe_permute_into_cpu_op(const at::Tensor& x, const at::Tensor& src, int64_t
   DISAGG_CHECK_VALUE(out.scalar_type() == x.scalar_type(), op, "out must have x's dtype ",
                      x.scalar_type(), ", got ", out.scalar_type());
   check_contiguous(out, op, "out");
+  check_same_device(x, src, op, "src");
+  check_same_device(x, out, op, "out");
+}
+
+namespace {
+
+void moe_permute_into_cpu_op(const at::Tensor& x, const at::Tensor& src, int64_t top_k,
+                             at::Tensor& out) {
+  const char* op = "moe_permute";
+  check_permute_args(x, src, top_k, out);
+  const int64_t rows = src.size(0), H = x.size(1);
   at::Tensor src_c = src.contiguous();
   Status s = DISAGG_DISPATCH_FLOAT(x.scalar_type(), op, [&] {
     return moe_permute_cpu<scalar_t>(reinterpret_cast<const scalar_t*>(x.data_ptr()), x.size(0), H,

@@ -116,20 +116,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_layout_cuda_op(
   return {dest, src, eoff, roff};
 }
 
-at::Tensor moe_permute_cuda_op(const at::Tensor& x, const at::Tensor& src, int64_t top_k) {
+void moe_permute_into_cuda_op(const at::Tensor& x, const at::Tensor& src, int64_t top_k,
+                              at::Tensor& out) {
   const char* op = "moe_permute";
-  check_dim(x, 2, op, "x", "[T, H]");
-  check_float(x, op, "x");
+  check_permute_args(x, src, top_k, out);
   check_on_cuda(x, op, "x");
-  DISAGG_CHECK_VALUE(x.stride(1) == 1, op, "x must have unit stride in the hidden dim");
-  check_dim(src, 1, op, "src", "[rows]");
-  check_dtype(src, at::kInt, op, "src");
-  check_same_device(x, src, op, "src");
-  DISAGG_CHECK_VALUE(top_k >= 1, op, "top_k must be >= 1, got ", top_k);
   c10::cuda::CUDAGuard guard(x.device());
   at::Tensor src_c = src.contiguous();
   const int64_t rows = src.size(0), H = x.size(1);
-  at::Tensor out = at::empty({rows, H}, x.options());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const cudaError_t err = DISAGG_DISPATCH_FLOAT(x.scalar_type(), op, [&] {
     return cuda::moe_permute<scalar_t>(reinterpret_cast<const scalar_t*>(x.data_ptr()), x.size(0),
@@ -137,6 +131,13 @@ at::Tensor moe_permute_cuda_op(const at::Tensor& x, const at::Tensor& src, int64
                                        reinterpret_cast<scalar_t*>(out.data_ptr()), stream);
   });
   check_cuda(err, op);
+}
+
+at::Tensor moe_permute_cuda_op(const at::Tensor& x, const at::Tensor& src, int64_t top_k) {
+  check_dim(x, 2, "moe_permute", "x", "[T, H]");
+  check_dim(src, 1, "moe_permute", "src", "[rows]");
+  at::Tensor out = at::empty({src.size(0), x.size(1)}, x.options());
+  moe_permute_into_cuda_op(x, src, top_k, out);
   return out;
 }
 
@@ -182,6 +183,7 @@ TORCH_LIBRARY_IMPL(disagg, CUDA, m) {
   m.impl("route", &route_cuda_op);
   m.impl("moe_layout", &moe_layout_cuda_op);
   m.impl("moe_permute", &moe_permute_cuda_op);
+  m.impl("moe_permute_into", &moe_permute_into_cuda_op);
   m.impl("moe_combine", &moe_combine_cuda_op);
 }
 

@@ -198,6 +198,9 @@ def test_permute_combine_match_cpu(T, E, k, H, dtype):
         y_dev = ops.moe_permute(x.to(DEV), lay.src.to(DEV), k)
         y = ops.moe_permute(x, lay.src, k)
         assert torch.equal(y_dev.cpu(), y)
+        into = torch.full_like(y_dev, float("nan"))
+        ops.moe_permute_into(x.to(DEV), lay.src.to(DEV), k, into)
+        assert torch.equal(into.cpu(), y)
         y = y * 1.5 + 0.25
         for od in (None, torch.float32):
             poison_cache()
