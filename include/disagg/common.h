@@ -6,6 +6,15 @@
 #include <cstring>
 #include <limits>
 
+// Hot row loops are compiled for AVX2 next to the baseline ISA and picked at load time (GCC
+// function multiversioning); elsewhere they are plain inline functions. Functions marked so
+// must be `static` when the header is included by several translation units.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define DISAGG_MULTIVERSION __attribute__((target_clones("avx2", "default")))
+#else
+#define DISAGG_MULTIVERSION inline
+#endif
+
 namespace disagg {
 
 // Kernels return a Status; the torch side turns anything but kOk into an error that names the

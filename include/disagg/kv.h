@@ -21,13 +21,8 @@
 #pragma GCC optimize("no-trapping-math")
 #endif
 
-// The row loops are also compiled for AVX2 next to the baseline ISA, picked at load time
-// (GCC function multiversioning); elsewhere they are plain inline functions.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define DISAGG_KV_ROW __attribute__((target_clones("avx2", "default")))
-#else
-#define DISAGG_KV_ROW inline
-#endif
+// The row loops are also compiled for AVX2 (see DISAGG_MULTIVERSION in common.h).
+#define DISAGG_KV_ROW DISAGG_MULTIVERSION
 
 namespace disagg {
 namespace kv {

@@ -367,6 +367,52 @@ Status moe_permute_cpu(const T* x, int64_t num_tokens, int64_t hidden, int64_t x
   return Status::kOk;
 }
 
+namespace detail {
+
+// acc[h] (+)= w * x[h] over one row; the 16-bit loads are plain bit shifts so the loops vectorize.
+DISAGG_MULTIVERSION static void axpy_row(float* acc, const float* x, float w, int64_t n, bool first) {
+  if (first) {
+    for (int64_t h = 0; h < n; ++h) acc[h] = w * x[h];
+  } else {
+    for (int64_t h = 0; h < n; ++h) acc[h] += w * x[h];
+  }
+}
+
+DISAGG_MULTIVERSION static void axpy_row(float* acc, const bf16_t* x, float w, int64_t n, bool first) {
+  const uint16_t* b = reinterpret_cast<const uint16_t*>(x);
+  for (int64_t h = 0; h < n; ++h) {
+    const uint32_t u = static_cast<uint32_t>(b[h]) << 16;
+    float f;
+    std::memcpy(&f, &u, sizeof(f));
+    acc[h] = (first ? 0.0f : acc[h]) + w * f;
+  }
+}
+
+static inline void axpy_row(float* acc, const f16_t* x, float w, int64_t n, bool first) {
+  for (int64_t h = 0; h < n; ++h) acc[h] = (first ? 0.0f : acc[h]) + w * to_float(x[h]);
+}
+
+static inline void store_row(float* out, const float* acc, int64_t n) {
+  std::memcpy(out, acc, sizeof(float) * n);
+}
+
+DISAGG_MULTIVERSION static void store_row(bf16_t* out, const float* acc, int64_t n) {
+  uint16_t* o = reinterpret_cast<uint16_t*>(out);
+  for (int64_t h = 0; h < n; ++h) {
+    uint32_t u;
+    std::memcpy(&u, &acc[h], sizeof(u));
+    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;  // nearest even
+    const uint32_t nan = (u >> 16) | 0x40u;                            // quiet NaN
+    o[h] = static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
+  }
+}
+
+static inline void store_row(f16_t* out, const float* acc, int64_t n) {
+  for (int64_t h = 0; h < n; ++h) out[h] = from_float<f16_t>(acc[h]);
+}
+
+}  // namespace detail
+
 // out[t, :] = sum_j weights[t,j] * y[dest[t,j], :] accumulated in float; dest == -1 skipped.
 template <typename T, typename W, typename O>
 Status moe_combine_cpu(const T* y, int64_t rows, int64_t hidden, const int32_t* dest,
@@ -375,19 +421,24 @@ Status moe_combine_cpu(const T* y, int64_t rows, int64_t hidden, const int32_t* 
     if (dest[a] < -1 || dest[a] >= rows) return Status::kInvalidArgument;
 #pragma omp parallel if (num_tokens * hidden > 65536)
   {
-    std::vector<float> acc(static_cast<size_t>(hidden));
+    std::vector<float> acc(static_cast<size_t>(std::min<int64_t>(hidden, 1024)));
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < num_tokens; ++t) {
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      for (int64_t j = 0; j < top_k; ++j) {
-        const int32_t r = dest[t * top_k + j];
-        if (r < 0) continue;
-        const float w = to_float(weights[t * top_k + j]);
-        const T* row = y + static_cast<int64_t>(r) * hidden;
-        for (int64_t h = 0; h < hidden; ++h) acc[h] += w * to_float(row[h]);
+      // Tiles of the hidden dim keep the accumulator in L1 across the k rows.
+      constexpr int64_t kTile = 1024;
+      for (int64_t h0 = 0; h0 < hidden; h0 += kTile) {
+        const int64_t n = std::min(kTile, hidden - h0);
+        bool first = true;
+        for (int64_t j = 0; j < top_k; ++j) {
+          const int32_t r = dest[t * top_k + j];
+          if (r < 0) continue;
+          detail::axpy_row(acc.data(), y + static_cast<int64_t>(r) * hidden + h0,
+                           to_float(weights[t * top_k + j]), n, first);
+          first = false;
+        }
+        if (first) std::fill(acc.begin(), acc.begin() + n, 0.0f);  // every assignment dropped
+        detail::store_row(out + t * hidden + h0, acc.data(), n);
       }
-      O* o = out + t * hidden;
-      for (int64_t h = 0; h < hidden; ++h) o[h] = from_float<O>(acc[h]);
     }
   }
   return Status::kOk;
