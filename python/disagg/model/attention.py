@@ -21,6 +21,9 @@ class PrefillChunk:
     q_len: int  # new tokens in the chunk
     ctx_len: int  # tokens of the sequence once the chunk is written (earlier ones + q_len)
     block_table: torch.Tensor  # [num_blocks] int64, blocks holding positions 0..ctx_len-1
+    # Optional boolean [q_len, ctx_len]: which cached keys each new token sees. Token-tree
+    # verification needs it (a node sees the context and its ancestors only); None = causal.
+    mask: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -43,27 +46,32 @@ class AttentionMetadata:
               sliding_window: Optional[int] = None) -> "AttentionMetadata":
         """From ``(q_len, ctx_len, block_table)`` per sequence, in row order, where
         ``block_table`` is a list or tensor of block ids; all sequences with ``q_len == 1``
-        must come first (they are batched as decode)."""
+        must come first (they are batched as decode). An optional fourth element, a boolean
+        ``[q_len, ctx_len]`` mask, replaces the causal mask of that sequence (token trees);
+        such sequences are never batched as decode."""
         meta = cls(slot_mapping=slot_mapping, block_size=block_size,
                    sliding_window=sliding_window)
         nd = 0
-        while nd < len(seqs) and seqs[nd][0] == 1:
+        while nd < len(seqs) and seqs[nd][0] == 1 and (len(seqs[nd]) < 4 or seqs[nd][3] is None):
             nd += 1
         meta.num_decode = nd
         if nd:
             ctx = [s[1] for s in seqs[:nd]]
             max_blocks = max((c + block_size - 1) // block_size for c in ctx)
             table = []
-            for _, _, t in seqs[:nd]:
+            for s in seqs[:nd]:
+                t = s[2]
                 t = t.tolist() if isinstance(t, torch.Tensor) else list(t)
                 t = t[:max_blocks]
                 table.append(t + [0] * (max_blocks - len(t)))
             meta.decode_block_tables = torch.tensor(table, dtype=torch.int64)
             meta.decode_ctx_lens = torch.tensor(ctx, dtype=torch.int64)
         row = nd
-        for q_len, ctx_len, table in seqs[nd:]:
+        for s in seqs[nd:]:
+            q_len, ctx_len, table = s[:3]
             table = torch.as_tensor(table, dtype=torch.int64)
-            meta.prefills.append(PrefillChunk(row, q_len, ctx_len, table))
+            meta.prefills.append(PrefillChunk(row, q_len, ctx_len, table,
+                                              s[3] if len(s) > 3 else None))
             row += q_len
         return meta
 
@@ -97,7 +105,13 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: to
         out[:nd] = decode_attention(q[:nd], cache, meta, scale)
     for c in meta.prefills:
         qc = q[c.start:c.start + c.q_len].transpose(0, 1)[None]  # [1, Hq, q, D]
-        if c.ctx_len == c.q_len and meta.sliding_window is None:
+        if c.mask is not None:
+            # Token tree: the mask already encodes ancestry (and any sliding window).
+            kc = _gather(cache, c.block_table, c.ctx_len, 0).transpose(0, 1)[None]
+            vc = _gather(cache, c.block_table, c.ctx_len, 1).transpose(0, 1)[None]
+            o = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=c.mask, scale=scale,
+                                               enable_gqa=gqa)
+        elif c.ctx_len == c.q_len and meta.sliding_window is None:
             # A whole prompt in one chunk: its K/V are the fresh ones, no gather needed.
             kc = k[c.start:c.start + c.q_len].transpose(0, 1)[None]
             vc = v[c.start:c.start + c.q_len].transpose(0, 1)[None]
