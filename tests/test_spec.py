@@ -184,3 +184,20 @@ def test_draft_request_needs_draft_model(target):
         eng.add_request([3, 4, 5], SamplingParams(speculative="draft"))
     with pytest.raises(ValueError, match="draft_model"):
         Engine(target, dtype="float32", speculative="draft")
+
+
+def test_generate_cli_speculative(target, draft, reference, tmp_path):
+    import json
+
+    from disagg.generate import main
+
+    ps, want = reference
+    src = tmp_path / "p.json"
+    src.write_text(json.dumps([{"prompt_token_ids": p} for p in ps[:3]]))
+    for extra in (["--speculative", "ngram", "--spec-tree", "static:2,1"],
+                  ["--speculative", "draft", "--draft-model", draft, "--spec-tree", "chain:3"]):
+        out = tmp_path / "o.json"
+        assert main(["--model", target, "--prompts", str(src), "--output", str(out),
+                     "--max-tokens", "24", "--ignore-eos", "--dtype", "float32",
+                     "--block-size", "4"] + extra) == 0
+        assert [r["token_ids"] for r in json.loads(out.read_text())] == want[:3]

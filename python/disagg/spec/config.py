@@ -136,3 +136,24 @@ class SpecConfig:
         if isinstance(x, str):
             return cls(method=x)
         raise ValueError(f"speculative must be a SpecConfig or one of {METHODS}, got {x!r}")
+
+
+def add_spec_args(parser) -> None:
+    """Add ``--speculative``, ``--spec-tree``, ``--draft-model`` and ``--spec-stochastic`` to
+    an ``argparse`` parser (servers and CLIs share one spelling)."""
+    parser.add_argument("--speculative", choices=METHODS, default="off",
+                        help="speculative decoding: draft model, n-gram lookup, or off")
+    parser.add_argument("--spec-tree", default="chain:4",
+                        help="draft tree: chain:K, static:B1,B2,... or dynamic:NODES,DEPTH,TOPK")
+    parser.add_argument("--draft-model", default="default-draft",
+                        help="draft model folder for --speculative draft")
+    parser.add_argument("--spec-stochastic", action="store_true",
+                        help="sampled requests draw draft children from the draft distribution")
+
+
+def spec_config_from_args(args) -> Optional[SpecConfig]:
+    """The :class:`SpecConfig` for parsed :func:`add_spec_args` options (None when off)."""
+    if args.speculative == "off":
+        return None
+    return SpecConfig(args.speculative, tree=args.spec_tree, stochastic=args.spec_stochastic,
+                      draft_model=args.draft_model if args.speculative == "draft" else None)

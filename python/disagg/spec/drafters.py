@@ -166,26 +166,35 @@ class ModelDrafter:
 
     def _forward(self, chunks: list) -> torch.Tensor:
         """``chunks``: (rid, ids, positions, first cache position, mask or None, rows wanted
-        within the chunk). KV goes to consecutive cache positions from the first one."""
+        within the chunk). KV goes to consecutive cache positions from the first one. Returns
+        the wanted rows' logits in chunk order."""
         from ..model import AttentionMetadata
 
+        # Single causal tokens go first so that they run as one batched decode attention.
+        order = sorted(range(len(chunks)),
+                       key=lambda i: not (len(chunks[i][1]) == 1 and chunks[i][4] is None))
         bs = self.kv.block_size
-        ids, pos, slots, seqs, rows = [], [], [], [], []
+        ids, pos, slots, seqs, rows, spans = [], [], [], [], [], [None] * len(chunks)
         row = 0
-        for rid, cids, cpos, start, mask, want in chunks:
+        for i in order:
+            rid, cids, cpos, start, mask, want = chunks[i]
             blocks = self.kv.block_ids(rid)
             ids.extend(cids)
             pos.extend(cpos)
             for p in range(start, start + len(cids)):
                 slots.append(blocks[p // bs] * bs + p % bs)
             seqs.append((len(cids), start + len(cids), blocks, mask))
+            spans[i] = (len(rows), len(want))
             rows.extend(row + r for r in want)
             row += len(cids)
         meta = AttentionMetadata.build(seqs, bs, torch.tensor(slots, dtype=torch.long),
                                        self.window)
-        return self.model.forward(torch.tensor(ids, dtype=torch.long),
-                                  torch.tensor(pos, dtype=torch.long), meta, self.kv.caches,
-                                  torch.tensor(rows, dtype=torch.long))
+        logits = self.model.forward(torch.tensor(ids, dtype=torch.long),
+                                    torch.tensor(pos, dtype=torch.long), meta, self.kv.caches,
+                                    torch.tensor(rows, dtype=torch.long))
+        if order == sorted(order):
+            return logits
+        return torch.cat([logits[a:a + n] for a, n in spans])
 
     def _make_room(self, rid, total: int) -> bool:
         from ..kv import OutOfBlocksError
@@ -245,9 +254,12 @@ class ModelDrafter:
                     g.draft_pos[u] = g.stored + j
                 g.stored += len(nxt)
                 g.frontier = nxt
+                mask = self._mask(g, nxt)
+                if len(nxt) == 1 and bool(mask.all()):
+                    mask = None  # a chain: the node sees everything cached, plain decode
                 chunks.append((g.rid, [g.tokens[u] for u in nxt],
-                               [g.ctx + g.depth[u] for u in nxt], start,
-                               self._mask(g, nxt), list(range(len(nxt)))))
+                               [g.ctx + g.depth[u] for u in nxt], start, mask,
+                               list(range(len(nxt)))))
                 forwarded.append(g)
             live = forwarded
         return [self._finish(g, vocab) for g in grows]
