@@ -41,6 +41,35 @@ class AttentionMetadata:
     prefills: list = field(default_factory=list)
     sliding_window: Optional[int] = None
     kv_rows: Optional[torch.Tensor] = None  # [2N] rows of cache.view(-1, Hkv, D): K then V
+    _trees: Optional[tuple] = None  # tree_batch() cache
+
+    def tree_batch(self) -> Optional[tuple]:
+        """The masked chunks (token trees) padded into one batch, computed once per step:
+        ``(block_tables [T, nblk], mask [T, 1, Q, nblk*bs], q_rows [T*Q], valid [T*Q],
+        out_rows)``; None when fewer than two chunks carry masks (one SDPA call per tree is
+        as cheap then)."""
+        trees = [c for c in self.prefills if c.mask is not None]
+        if len(trees) < 2:
+            return None
+        if self._trees is None:
+            bs = self.block_size
+            T, Q = len(trees), max(c.q_len for c in trees)
+            nblk = max(-(-c.ctx_len // bs) for c in trees)
+            tables = torch.zeros(T, nblk, dtype=torch.int64)
+            mask = torch.zeros(T, 1, Q, nblk * bs, dtype=torch.bool)
+            mask[:, :, :, 0] = True  # padding query rows attend somewhere (no NaN), unused
+            q_rows = torch.zeros(T, Q, dtype=torch.int64)
+            valid = torch.zeros(T, Q, dtype=torch.bool)
+            for t, c in enumerate(trees):
+                nb = -(-c.ctx_len // bs)
+                tables[t, :nb] = c.block_table[:nb]
+                mask[t, 0, :c.q_len] = False
+                mask[t, 0, :c.q_len, :c.ctx_len] = c.mask
+                q_rows[t, :c.q_len] = torch.arange(c.start, c.start + c.q_len)
+                valid[t, :c.q_len] = True
+            q_rows, valid = q_rows.flatten(), valid.flatten()
+            self._trees = (tables, mask, q_rows, valid, q_rows[valid])
+        return self._trees
 
     def cache_rows(self) -> torch.Tensor:
         """Where the new tokens' K and V go in a layer cache viewed as ``[NB*2*bs, Hkv, D]``;
@@ -114,7 +143,21 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: to
     gqa = hq != hkv
     if nd:
         out[:nd] = decode_attention(q[:nd], cache, meta, scale)
+    trees = meta.tree_batch()
+    if trees is not None:
+        # Several token trees: one padded gather and one SDPA call for all of them.
+        tables, mask, q_rows, valid, out_rows = trees
+        T, Q = mask.shape[0], mask.shape[2]
+        d = q.shape[-1]
+        kc = cache[tables, 0].reshape(T, -1, hkv, d).transpose(1, 2)
+        vc = cache[tables, 1].reshape(T, -1, hkv, d).transpose(1, 2)
+        qb = q[q_rows].view(T, Q, hq, d).transpose(1, 2)
+        o = F.scaled_dot_product_attention(qb, kc, vc, attn_mask=mask, scale=scale,
+                                           enable_gqa=gqa)
+        out[out_rows] = o.transpose(1, 2).reshape(T * Q, hq, d)[valid]
     for c in meta.prefills:
+        if c.mask is not None and trees is not None:
+            continue
         qc = q[c.start:c.start + c.q_len].transpose(0, 1)[None]  # [1, Hq, q, D]
         if c.mask is not None:
             # Token tree: the mask already encodes ancestry (and any sliding window).
