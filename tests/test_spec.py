@@ -201,3 +201,27 @@ def test_generate_cli_speculative(target, draft, reference, tmp_path):
                      "--max-tokens", "24", "--ignore-eos", "--dtype", "float32",
                      "--block-size", "4"] + extra) == 0
         assert [r["token_ids"] for r in json.loads(out.read_text())] == want[:3]
+
+
+def test_ngram_drafter_builds_a_trie():
+    from disagg.spec import NgramDrafter
+
+    cfg = SpecConfig("ngram", tree="static:2,1,1")
+    # "7 8" occurred twice, followed by "9 10 11" and by "5 6 7": two branches from the root.
+    seq = [7, 8, 9, 10, 11, 3, 7, 8, 5, 6, 7, 4, 7, 8]
+    t = NgramDrafter().propose(seq, cfg.tree, cfg)
+    # Most recent occurrence first; each continuation is inserted depth-first.
+    assert t.tokens == [8, 5, 6, 7, 9, 10, 11]
+    assert t.parents == [-1, 0, 1, 2, 0, 4, 5]
+    assert NgramDrafter().propose([1, 2, 3], cfg.tree, cfg).tokens == [3]  # nothing repeats
+
+
+def test_metrics_by_depth():
+    from disagg.spec import SpecMetrics
+
+    m = SpecMetrics()
+    m.record(tree_depth=3, accept_len=3, nodes=4)  # two drafts accepted + bonus
+    m.record(tree_depth=2, accept_len=1, nodes=3)  # nothing accepted
+    s = m.summary()
+    assert s["acceptance_length"] == 2.0 and s["draft_nodes"] == 5
+    assert s["acceptance_rate_by_depth"] == [0.5, 0.5, 0.0]
