@@ -76,7 +76,7 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, default=96)
     ap.add_argument("--trees", nargs="+", default=["chain:4", "static:2,2,1,1",
                                                    "dynamic:12,5,3"])
-    ap.add_argument("--ngram-trees", nargs="+", default=["chain:4", "static:2,1,1,1"])
+    ap.add_argument("--ngram-trees", nargs="*", default=["chain:4", "static:2,1,1,1"])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
