@@ -90,7 +90,7 @@ def main(argv=None):
     from disagg.spec import SpecConfig, SpecMetrics
 
     print(f"# {cpu_name()}, torch threads {torch.get_num_threads()}, target {args.model}, "
-          f"draft {args.draft}", flush=True)
+          f"draft {args.draft}", file=sys.stderr if args.json else sys.stdout, flush=True)
     target = CausalLM.from_pretrained(resolve_model_path(args.model), dtype=args.dtype)
     draft = CausalLM.from_pretrained(resolve_model_path(args.draft), dtype=args.dtype)
     tok_path = resolve_model_path(args.model)

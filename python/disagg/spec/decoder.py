@@ -22,8 +22,10 @@ class SpeculativeDecoder:
         Draft model sharing the target's tokenizer; ``"default-draft"`` by default. Ignored
         for ``method="ngram"``.
     method : {"draft", "ngram"}
-    tree : TreeShape or str
-        ``"chain:K"``, ``"static:B1,B2,..."`` or ``"dynamic:NODES,DEPTH,TOPK"``.
+    tree : TreeShape or str, optional
+        ``"chain:K"``, ``"static:B1,B2,..."`` or ``"dynamic:NODES,DEPTH,TOPK"``. Default:
+        ``static:2,2,1,1`` for a draft model (its second choices are often the target's) and
+        ``chain:4`` for n-gram lookup (one continuation is usually all there is).
     dtype : str
         Model dtype for both models.
     **engine_kwargs
@@ -37,13 +39,15 @@ class SpeculativeDecoder:
     """
 
     def __init__(self, target="default", draft="default-draft", *, method: str = "draft",
-                 tree: Union[TreeShape, str] = "chain:4", dtype: str = "auto",
+                 tree: Union[TreeShape, str, None] = None, dtype: str = "auto",
                  stochastic: bool = False, **engine_kwargs):
         from ..engine import Engine
 
         if method not in ("draft", "ngram"):
             raise ValueError(f"SpeculativeDecoder: method must be 'draft' or 'ngram', got "
                              f"{method!r}")
+        if tree is None:
+            tree = "static:2,2,1,1" if method == "draft" else "chain:4"
         self.config = SpecConfig(method=method, tree=tree, stochastic=stochastic,
                                  draft_model=draft if method == "draft" else None)
         self.engine = Engine(target, dtype=dtype, speculative=self.config, **engine_kwargs)
