@@ -225,3 +225,17 @@ def test_metrics_by_depth():
     s = m.summary()
     assert s["acceptance_length"] == 2.0 and s["draft_nodes"] == 5
     assert s["acceptance_rate_by_depth"] == [0.5, 0.5, 0.0]
+
+
+def test_speculative_decoder_defaults():
+    """The chapter's call on the packaged model and its draft: the text matches plain greedy
+    (float32: bfloat16 logits can tie, and the tree and decode attention round differently)."""
+    from disagg import LLM
+
+    prompt = "def add(a, b):\n    return"
+    dec = SpeculativeDecoder(dtype="float32")
+    toks = dec.speculative_decode(prompt, target_tokens=20, ignore_eos=True)
+    plain = LLM("default", dtype="float32").generate(prompt, SamplingParams(temperature=0, max_tokens=20,
+                                                            ignore_eos=True))[0].outputs[0]
+    assert toks == plain.token_ids and dec.last_text == plain.text
+    assert dec.metrics()["verify_steps"] > 0
