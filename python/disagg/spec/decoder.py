@@ -24,7 +24,7 @@ class SpeculativeDecoder:
     method : {"draft", "ngram"}
     tree : TreeShape or str, optional
         ``"chain:K"``, ``"static:B1,B2,..."`` or ``"dynamic:NODES,DEPTH,TOPK"``. Default:
-        ``static:2,2,1,1`` for a draft model (its second choices are often the target's) and
+        ``static:2,2`` for a draft model (its second choices are often the target's) and
         ``chain:4`` for n-gram lookup (one continuation is usually all there is).
     dtype : str
         Model dtype for both models.
@@ -47,7 +47,7 @@ class SpeculativeDecoder:
             raise ValueError(f"SpeculativeDecoder: method must be 'draft' or 'ngram', got "
                              f"{method!r}")
         if tree is None:
-            tree = "static:2,2,1,1" if method == "draft" else "chain:4"
+            tree = "static:2,2" if method == "draft" else "chain:4"
         self.config = SpecConfig(method=method, tree=tree, stochastic=stochastic,
                                  draft_model=draft if method == "draft" else None)
         self.engine = Engine(target, dtype=dtype, speculative=self.config, **engine_kwargs)
