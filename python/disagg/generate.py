@@ -29,12 +29,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--no-chunked-prefill", action="store_true")
     ap.add_argument("--block-size", type=int, default=16)
+    from .spec.config import add_spec_args
+
+    add_spec_args(ap)
     return ap.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     from . import LLM, SamplingParams
+    from .spec.config import spec_config_from_args
 
     with open(args.prompts) as f:
         prompts = json.load(f)
@@ -46,7 +50,8 @@ def main(argv=None) -> int:
     try:
         llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                   max_num_batched_tokens=args.max_num_batched_tokens,
-                  enable_chunked_prefill=not args.no_chunked_prefill, block_size=args.block_size)
+                  enable_chunked_prefill=not args.no_chunked_prefill, block_size=args.block_size,
+                  speculative=spec_config_from_args(args))
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"error: cannot load {args.model!r}: {e}", file=sys.stderr)
         return 2

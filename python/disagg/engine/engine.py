@@ -45,14 +45,20 @@ class Engine:
         ``max_position_embeddings``, and never exceeds what the cache can hold.
     max_num_seqs, max_num_batched_tokens, enable_chunked_prefill
         See :class:`SchedulerConfig`.
+    speculative : SpecConfig or str, optional
+        Speculative decoding for every request (``"ngram"``, ``"off"``, or a
+        :class:`disagg.spec.SpecConfig` with a draft model and a tree shape); requests override
+        it through ``SamplingParams.speculative``. Metrics: :meth:`spec_metrics`.
     """
 
     def __init__(self, model: Union[str, CausalLM] = "default", tokenizer: Optional[str] = None,
                  *, dtype: str = "auto", block_size: int = 16, num_blocks: Optional[int] = None,
                  kv_cache_bytes: int = 1 << 30, max_model_len: Optional[int] = None,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
-                 enable_chunked_prefill: bool = True):
+                 enable_chunked_prefill: bool = True, speculative=None):
         from ..kv import PagedKVCache
+        from ..spec.config import SpecConfig
+        from ..spec.runner import SpecRunner
 
         path = None
         if isinstance(model, CausalLM):
@@ -84,6 +90,7 @@ class Engine:
         self._pending: list = []  # outputs produced outside step() (aborts)
         self._ids = itertools.count()
         self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0}
+        self.spec = SpecRunner(self, SpecConfig.coerce(speculative) or SpecConfig())
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -144,6 +151,7 @@ class Engine:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
         params.validate()
+        self.spec.validate(params)
         ids, text = self._prompt_ids(prompt)
         rid = str(request_id) if request_id is not None else f"req-{next(self._ids)}"
         if rid in self.requests:
@@ -162,6 +170,11 @@ class Engine:
         self._pending.append(req.to_output())
         return True
 
+    def spec_metrics(self) -> dict:
+        """Speculative decoding figures since start: acceptance length (mean tokens per
+        verified tree, bonus included), acceptance rate by depth, draft and verify seconds."""
+        return self.spec.metrics.summary()
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
@@ -172,6 +185,7 @@ class Engine:
 
     def _finish(self, req: Request, reason: str, stop_reason=None, error: Optional[str] = None):
         self.scheduler.remove(req)
+        self.spec.release(req.request_id)
         req.status = Status.FINISHED
         req.finish_reason = reason
         req.stop_reason = stop_reason
@@ -238,14 +252,37 @@ class Engine:
         sched = self.scheduler.schedule()
         if not sched:
             return outputs
-        # Decode rows first: AttentionMetadata batches them in one attention call.
-        sched.sort(key=lambda s: s.num_new != 1)
+        # Decoding requests that speculate get a draft tree instead of one token.
+        spec_in = [(s, c) for s in sched if s.num_new == 1 and s.samples
+                   for c in [self.spec.config_for(s.req)] if c is not None]
+        plans = {}
+        if spec_in:
+            for (s, _), plan in zip(spec_in, self.spec.prepare(spec_in)):
+                if plan is not None:
+                    plans[id(s)] = plan
+        # Plain decode rows first (AttentionMetadata batches them in one attention call),
+        # then trees, then prefill chunks.
+        sched.sort(key=lambda s: 1 if id(s) in plans else (0 if s.num_new == 1 else 2))
         ids, pos, slots, seqs, rows, sampled = [], [], [], [], [], []
         bs = self.block_size
         row = 0
         for s in sched:
             end = s.start + s.num_new
             blocks = self.kv.block_ids(s.req.request_id)
+            plan = plans.get(id(s))
+            if plan is not None:
+                # Node i's KV goes to position ctx + i; its RoPE position is ctx + depth.
+                n = len(plan.tree)
+                ids.extend(plan.tree.tokens)
+                pos.extend(plan.positions)
+                for p in range(s.start, s.start + n):
+                    slots.append(blocks[p // bs] * bs + p % bs)
+                seqs.append((n, s.start + n, blocks, plan.mask))
+                rows.extend(range(row, row + n))
+                row += n
+                sampled.append(s)
+                self.stats["decode_tokens"] += 1
+                continue
             ids.extend(self._new_tokens(s))
             # Slots and block tables from plain lists: per-request tensor ops here cost more
             # than the model's own work at small batch sizes.
@@ -262,6 +299,7 @@ class Engine:
             else:
                 self.stats["prefill_tokens"] += s.num_new
         self.stats["steps"] += 1
+        t0 = time.perf_counter()
         try:
             meta = AttentionMetadata.build(seqs, bs, torch.tensor(slots, dtype=torch.long),
                                            self.model.config.sliding_window)
@@ -276,23 +314,67 @@ class Engine:
             return outputs
         for s in sched:
             s.req.num_computed += s.num_new
-        greedy = logits.argmax(-1).tolist()
-        now = time.perf_counter()
-        for k, s in enumerate(sampled):
-            req = s.req
+        # Rows of logits per sampled sequence: one, or one per tree node.
+        spans, r = [], 0
+        for s in sampled:
+            n = len(plans[id(s)].tree) if id(s) in plans else 1
+            spans.append((r, n))
+            r += n
+        new_tokens: list = [None] * len(sampled)
+        if plans:
+            self.spec.metrics.verify_s += time.perf_counter() - t0
+            ks = [k for k, s in enumerate(sampled) if id(s) in plans]
             try:
-                p = req.params
+                verified = self.spec.verify([plans[id(sampled[k])] for k in ks],
+                                            [logits[spans[k][0]:spans[k][0] + spans[k][1]]
+                                             for k in ks])
+            except Exception as e:
+                log.exception("speculative verification failed")
+                for k in ks:
+                    s = sampled[k]
+                    self._finish(s.req, "error", error=f"verification failed: {e}")
+                    outputs.append(s.req.to_output())
+                verified = [[] for _ in ks]
+            for k, toks in zip(ks, verified):
+                new_tokens[k] = toks
+                # The root was counted above; the accepted drafts' KV is now in place too.
+                sampled[k].req.num_computed += max(0, len(toks) - 1)
+        plain = [k for k in range(len(sampled)) if new_tokens[k] is None]
+        if plain:
+            sel = torch.tensor([spans[k][0] for k in plain], dtype=torch.long)
+            plain_logits = logits[sel] if plans else logits
+            greedy = plain_logits.argmax(-1).tolist()
+        now = time.perf_counter()
+        for j, k in enumerate(plain):
+            s = sampled[k]
+            req = s.req
+            p = req.params
+            try:
                 if p.greedy and not p.has_penalties:
-                    tok = greedy[k]
+                    new_tokens[k] = [greedy[j]]
                 else:
-                    lg = logits[k]
+                    lg = plain_logits[j]
                     if p.has_penalties:
                         lg = apply_penalties(lg, req.prompt_token_ids, req.output_token_ids, p)
-                    tok = sample_row(lg, p, req.generator)
-                req.output_token_ids.append(tok)
-                if req.first_token_time is None:
-                    req.first_token_time = now
-                self._check_stop(req, tok)
+                    new_tokens[k] = [sample_row(lg, p, req.generator)]
+            except Exception as e:  # one request's failure (bad logits) is its own
+                log.exception("request %s failed", req.request_id)
+                self._finish(req, "error", error=f"{type(e).__name__}: {e}")
+                outputs.append(req.to_output())
+                new_tokens[k] = []
+        for k, s in enumerate(sampled):
+            req = s.req
+            if req.finished or not new_tokens[k]:
+                continue
+            p = req.params
+            try:
+                for tok in new_tokens[k]:
+                    req.output_token_ids.append(tok)
+                    if req.first_token_time is None:
+                        req.first_token_time = now
+                    self._check_stop(req, tok)
+                    if req.finished:
+                        break
                 if req.callback is not None:
                     if not req.finished and not p.stop_strings:
                         req.text = self._detok(req)
@@ -302,7 +384,7 @@ class Engine:
                         outputs.append(out)
                 elif emit_all or req.finished:
                     outputs.append(req.to_output())
-            except Exception as e:  # one request's failure (bad logits, callback) is its own
+            except Exception as e:  # one request's failure (a callback) is its own
                 log.exception("request %s failed", req.request_id)
                 if not req.finished:
                     self._finish(req, "error", error=f"{type(e).__name__}: {e}")

@@ -35,6 +35,9 @@ class SamplingParams:
         Optional penalties, as in vLLM (1.0, 0.0, 0.0 disable them).
     skip_special_tokens : bool
         Drop special tokens from ``text``.
+    speculative : SpecConfig or str, optional
+        Override the engine's speculative decoding for this request: ``"off"``, ``"ngram"``,
+        ``"draft"`` or a :class:`disagg.spec.SpecConfig` (method and tree shape).
     """
 
     temperature: float = 1.0
@@ -51,6 +54,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     n: int = 1
+    speculative: object = None
     _stop_list: list = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self):
@@ -90,6 +94,13 @@ class SamplingParams:
         if not all(isinstance(s, str) and s for s in stop):
             bad("stop", "must be a non-empty string or a list of them")
         self._stop_list = stop
+        if self.speculative is not None:
+            from ..spec.config import SpecConfig
+
+            try:
+                self.speculative = SpecConfig.coerce(self.speculative)
+            except ValueError as e:
+                raise ValueError(f"SamplingParams.speculative: {e}") from None
         ids = list(self.stop_token_ids or [])
         if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
             bad("stop_token_ids", "must be a list of non-negative ints")

@@ -21,6 +21,9 @@ class PrefillChunk:
     q_len: int  # new tokens in the chunk
     ctx_len: int  # tokens of the sequence once the chunk is written (earlier ones + q_len)
     block_table: torch.Tensor  # [num_blocks] int64, blocks holding positions 0..ctx_len-1
+    # Optional boolean [q_len, ctx_len]: which cached keys each new token sees. Token-tree
+    # verification needs it (a node sees the context and its ancestors only); None = causal.
+    mask: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -38,6 +41,35 @@ class AttentionMetadata:
     prefills: list = field(default_factory=list)
     sliding_window: Optional[int] = None
     kv_rows: Optional[torch.Tensor] = None  # [2N] rows of cache.view(-1, Hkv, D): K then V
+    _trees: Optional[tuple] = None  # tree_batch() cache
+
+    def tree_batch(self) -> Optional[tuple]:
+        """The masked chunks (token trees) padded into one batch, computed once per step:
+        ``(block_tables [T, nblk], mask [T, 1, Q, nblk*bs], q_rows [T*Q], valid [T*Q],
+        out_rows)``; None when fewer than two chunks carry masks (one SDPA call per tree is
+        as cheap then)."""
+        trees = [c for c in self.prefills if c.mask is not None]
+        if len(trees) < 2:
+            return None
+        if self._trees is None:
+            bs = self.block_size
+            T, Q = len(trees), max(c.q_len for c in trees)
+            nblk = max(-(-c.ctx_len // bs) for c in trees)
+            tables = torch.zeros(T, nblk, dtype=torch.int64)
+            mask = torch.zeros(T, 1, Q, nblk * bs, dtype=torch.bool)
+            mask[:, :, :, 0] = True  # padding query rows attend somewhere (no NaN), unused
+            q_rows = torch.zeros(T, Q, dtype=torch.int64)
+            valid = torch.zeros(T, Q, dtype=torch.bool)
+            for t, c in enumerate(trees):
+                nb = -(-c.ctx_len // bs)
+                tables[t, :nb] = c.block_table[:nb]
+                mask[t, 0, :c.q_len] = False
+                mask[t, 0, :c.q_len, :c.ctx_len] = c.mask
+                q_rows[t, :c.q_len] = torch.arange(c.start, c.start + c.q_len)
+                valid[t, :c.q_len] = True
+            q_rows, valid = q_rows.flatten(), valid.flatten()
+            self._trees = (tables, mask, q_rows, valid, q_rows[valid])
+        return self._trees
 
     def cache_rows(self) -> torch.Tensor:
         """Where the new tokens' K and V go in a layer cache viewed as ``[NB*2*bs, Hkv, D]``;
@@ -53,27 +85,32 @@ class AttentionMetadata:
               sliding_window: Optional[int] = None) -> "AttentionMetadata":
         """From ``(q_len, ctx_len, block_table)`` per sequence, in row order, where
         ``block_table`` is a list or tensor of block ids; all sequences with ``q_len == 1``
-        must come first (they are batched as decode)."""
+        must come first (they are batched as decode). An optional fourth element, a boolean
+        ``[q_len, ctx_len]`` mask, replaces the causal mask of that sequence (token trees);
+        such sequences are never batched as decode."""
         meta = cls(slot_mapping=slot_mapping, block_size=block_size,
                    sliding_window=sliding_window)
         nd = 0
-        while nd < len(seqs) and seqs[nd][0] == 1:
+        while nd < len(seqs) and seqs[nd][0] == 1 and (len(seqs[nd]) < 4 or seqs[nd][3] is None):
             nd += 1
         meta.num_decode = nd
         if nd:
             ctx = [s[1] for s in seqs[:nd]]
             max_blocks = max((c + block_size - 1) // block_size for c in ctx)
             table = []
-            for _, _, t in seqs[:nd]:
+            for s in seqs[:nd]:
+                t = s[2]
                 t = t.tolist() if isinstance(t, torch.Tensor) else list(t)
                 t = t[:max_blocks]
                 table.append(t + [0] * (max_blocks - len(t)))
             meta.decode_block_tables = torch.tensor(table, dtype=torch.int64)
             meta.decode_ctx_lens = torch.tensor(ctx, dtype=torch.int64)
         row = nd
-        for q_len, ctx_len, table in seqs[nd:]:
+        for s in seqs[nd:]:
+            q_len, ctx_len, table = s[:3]
             table = torch.as_tensor(table, dtype=torch.int64)
-            meta.prefills.append(PrefillChunk(row, q_len, ctx_len, table))
+            meta.prefills.append(PrefillChunk(row, q_len, ctx_len, table,
+                                              s[3] if len(s) > 3 else None))
             row += q_len
         return meta
 
@@ -106,9 +143,29 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: to
     gqa = hq != hkv
     if nd:
         out[:nd] = decode_attention(q[:nd], cache, meta, scale)
+    trees = meta.tree_batch()
+    if trees is not None:
+        # Several token trees: one padded gather and one SDPA call for all of them.
+        tables, mask, q_rows, valid, out_rows = trees
+        T, Q = mask.shape[0], mask.shape[2]
+        d = q.shape[-1]
+        kc = cache[tables, 0].reshape(T, -1, hkv, d).transpose(1, 2)
+        vc = cache[tables, 1].reshape(T, -1, hkv, d).transpose(1, 2)
+        qb = q[q_rows].view(T, Q, hq, d).transpose(1, 2)
+        o = F.scaled_dot_product_attention(qb, kc, vc, attn_mask=mask, scale=scale,
+                                           enable_gqa=gqa)
+        out[out_rows] = o.transpose(1, 2).reshape(T * Q, hq, d)[valid]
     for c in meta.prefills:
+        if c.mask is not None and trees is not None:
+            continue
         qc = q[c.start:c.start + c.q_len].transpose(0, 1)[None]  # [1, Hq, q, D]
-        if c.ctx_len == c.q_len and meta.sliding_window is None:
+        if c.mask is not None:
+            # Token tree: the mask already encodes ancestry (and any sliding window).
+            kc = _gather(cache, c.block_table, c.ctx_len, 0).transpose(0, 1)[None]
+            vc = _gather(cache, c.block_table, c.ctx_len, 1).transpose(0, 1)[None]
+            o = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=c.mask, scale=scale,
+                                               enable_gqa=gqa)
+        elif c.ctx_len == c.q_len and meta.sliding_window is None:
             # A whole prompt in one chunk: its K/V are the fresh ones, no gather needed.
             kc = k[c.start:c.start + c.q_len].transpose(0, 1)[None]
             vc = v[c.start:c.start + c.q_len].transpose(0, 1)[None]
