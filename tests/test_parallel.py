@@ -37,6 +37,7 @@ LAYOUTS_4 = [
     ("TP2xPP2xEP2", dict(tp=2, pp=2, ep=2)),  # EP across the TP ranks of each stage
     ("TP2xDP2xEP2-tp-experts", dict(tp=2, dp=2, ep=2, ep_over_tp=False)),
     ("CP2xTP2", dict(cp=2, tp=2)),
+    ("DP2xPP2xEP2", dict(dp=2, pp=2, ep=2)),  # replicas in lock-step, micro-batched stages
 ]
 
 

@@ -109,7 +109,8 @@ class Comm:
         return 1 if group is None else dist.get_world_size(group)
 
     def all_reduce(self, t: torch.Tensor, group, tag: str, op=dist.ReduceOp.SUM) -> torch.Tensor:
-        if group is None or self._size(group) == 1:
+        # Every rank of a group holds the same shape, so all of them skip an empty tensor.
+        if group is None or t.numel() == 0 or self._size(group) == 1:
             return t
         self._run("all_reduce", tag, t.numel() * t.element_size(),
                   lambda: dist.all_reduce(t, op=op, group=group))
@@ -119,9 +120,9 @@ class Comm:
         """Concatenate each rank's ``t [counts[r], ...]`` in rank order (padded internally:
         gloo's all-gather needs equal sizes)."""
         n = len(counts)
-        if group is None or n == 1:
-            return t
         m = max(counts)
+        if group is None or n == 1 or m == 0:
+            return t
         pad = t.new_zeros((m,) + tuple(t.shape[1:]))
         pad[:t.shape[0]] = t
         parts = [torch.empty_like(pad) for _ in range(n)]
@@ -147,12 +148,28 @@ class Comm:
                   lambda: dist.broadcast(t, src=src, group=group))
         return t
 
+    # Point-to-point: both sides know the row count (same schedule), so empty tensors are
+    # skipped on both.
     def send(self, t: torch.Tensor, dst: int, tag: str) -> None:
         t = t.contiguous()
-        self._run("send", tag, t.numel() * t.element_size(), lambda: dist.send(t, dst=dst))
+        if t.numel():
+            self._run("send", tag, t.numel() * t.element_size(), lambda: dist.send(t, dst=dst))
+
+    def isend(self, t: torch.Tensor, dst: int, tag: str):
+        """Start a send; pass the handle to :meth:`wait` (bytes count now, seconds there)."""
+        t = t.contiguous()
+        if not t.numel():
+            return None
+        self.stats[("send", tag)][1] += t.numel() * t.element_size()
+        return dist.isend(t, dst=dst), t
+
+    def wait(self, handle, tag: str) -> None:
+        if handle is not None:
+            self._run("send", tag, 0, handle[0].wait)
 
     def recv(self, t: torch.Tensor, src: int, tag: str) -> torch.Tensor:
-        self._run("recv", tag, t.numel() * t.element_size(), lambda: dist.recv(t, src=src))
+        if t.numel():
+            self._run("recv", tag, t.numel() * t.element_size(), lambda: dist.recv(t, src=src))
         return t
 
     def gather_object(self, obj, tag: str = "results"):

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .. import ops
-from ..model.attention import _gather, paged_attention, write_kv
+from ..model.attention import AttentionMetadata, _gather, paged_attention, write_kv
 from ..model.config import ModelConfig
 from ..model.loader import WeightStore
 from ..model.model import _DTYPES, CausalLM, DenseMLP, MoE, _act, rms_norm
@@ -196,6 +196,9 @@ class ParallelCausalLM(CausalLM):
         self.next_rank = pp_ranks[self.stage + 1] if not self.last else None
         self.last_rank = pp_ranks[-1]
         self.forward_calls = 0
+        # Micro-batches per step under PP: one per stage keeps every stage busy once the
+        # pipeline has filled.
+        self.micro_batches = layout.pp
         self.fatal: Optional[BaseException] = None
         self.layer_ids = layout.stage_layers(cfg.num_hidden_layers, self.stage)
         ep_ranks = groups.ranks("ep")
@@ -363,25 +366,39 @@ class ParallelCausalLM(CausalLM):
         H, V = cfg.hidden_size, cfg.vocab_size
         N = input_ids.numel()
         rows = None
-        r0, r1 = 0, N
         if self.cp > 1:
             counts = split_counts(N, self.cp)
             r0 = sum(counts[:self.cp_rank])
-            r1 = r0 + counts[self.cp_rank]
-            rows = (r0, r1, counts)
-        if self.first:
-            h = self._embed(input_ids[r0:r1])
+            rows = (r0, r0 + counts[self.cp_rank], counts)
+            parts = [(r0, r0 + counts[self.cp_rank], meta)]
+        elif self.layout.pp > 1:
+            parts = micro_batches(meta, N, self.micro_batches)
         else:
-            h = self.comm.recv(torch.empty(r1 - r0, H, dtype=self.dtype), self.prev_rank,
-                               "pp.act")
-        cos, sin = self.rope.cos_sin(positions[r0:r1], self.dtype)
-        for layer, cache in zip(self.layers, kv_caches):
-            h = layer(h, cos, sin, meta, cache, rows)
+            parts = [(0, N, meta)]
+        outs, sends = [], []
+        # Micro-batch i leaves this stage (non-blocking send) before i+1 starts, so the next
+        # stage works on i while this one works on i+1: within a step the stages overlap
+        # except for the fill and drain of the pipeline.
+        for a, b, m in parts:
+            if self.first:
+                h = self._embed(input_ids[a:b])
+            else:
+                h = self.comm.recv(torch.empty(b - a, H, dtype=self.dtype), self.prev_rank,
+                                   "pp.act")
+            cos, sin = self.rope.cos_sin(positions[a:b], self.dtype)
+            for layer, cache in zip(self.layers, kv_caches):
+                h = layer(h, cos, sin, m, cache, rows)
+            if self.last:
+                outs.append(h)
+            else:
+                sends.append(self.comm.isend(h, self.next_rank, "pp.act"))
+        for w in sends:
+            self.comm.wait(w, "pp.act")
         M = N if logits_rows is None else logits_rows.numel()
         if not self.last:
-            self.comm.send(h, self.next_rank, "pp.act")
             logits = torch.empty(M, V, dtype=torch.float32)
         else:
+            h = torch.cat(outs) if len(outs) > 1 else outs[0]
             if rows is not None:
                 h = self.comm.all_gather_rows(h, rows[2], self.cp_group, "cp.hidden")
             if logits_rows is not None:
@@ -399,9 +416,43 @@ class ParallelCausalLM(CausalLM):
     @torch.inference_mode()
     def idle_step(self) -> None:
         """Take part in one step's expert all-to-alls with no tokens: a replica with nothing
-        to run still owes its EP peers its side of every exchange."""
+        to run still owes its EP peers its side of every exchange (once per micro-batch)."""
         self.forward_calls += 1
         x = torch.zeros(0, self.global_config.hidden_size, dtype=self.dtype)
-        for layer in self.layers:
-            if isinstance(layer.mlp, EPMoE):
-                layer.mlp(x)
+        for _ in range(self.micro_batches if self.layout.pp > 1 and self.cp == 1 else 1):
+            for layer in self.layers:
+                if isinstance(layer.mlp, EPMoE):
+                    layer.mlp(x)
+
+
+def micro_batches(meta: AttentionMetadata, n: int, m: int) -> list:
+    """Split a step's flat batch into ``m`` contiguous micro-batches on sequence boundaries
+    (some may be empty; the count is fixed so that replicas sharing expert all-to-alls make
+    the same number of exchanges). Returns ``(row_start, row_end, metadata)`` per part."""
+    units = [(i, i + 1) for i in range(meta.num_decode)]
+    units += [(c.start, c.start + c.q_len) for c in meta.prefills]
+    bounds = [[None, None] for _ in range(m)]
+    for s, e in units:
+        j = min(m - 1, s * m // max(n, 1))
+        if bounds[j][0] is None:
+            bounds[j][0] = s
+        bounds[j][1] = e
+    parts, prev = [], 0
+    for s, e in bounds:
+        if s is None:
+            s = e = prev
+        parts.append((s, e, _sub_meta(meta, s, e)))
+        prev = e
+    return parts
+
+
+def _sub_meta(meta: AttentionMetadata, a: int, b: int) -> AttentionMetadata:
+    nd = max(0, min(b, meta.num_decode) - a)
+    sub = AttentionMetadata(slot_mapping=meta.slot_mapping[a:b], block_size=meta.block_size,
+                            num_decode=nd, sliding_window=meta.sliding_window)
+    if nd:
+        sub.decode_block_tables = meta.decode_block_tables[a:a + nd]
+        sub.decode_ctx_lens = meta.decode_ctx_lens[a:a + nd]
+    sub.prefills = [dataclasses.replace(c, start=c.start - a) for c in meta.prefills
+                    if a <= c.start < b]
+    return sub
