@@ -121,7 +121,7 @@ class ParallelEngine:
             snap = {k: v[1] for k, v in self.comm.stats.items()}
             t0 = time.perf_counter()
             tokens = eng.stats["prefill_tokens"] + eng.stats["decode_tokens"]
-            outs = eng.step()
+            outs = eng.step(emit_all=False)
             if model.fatal is not None:
                 raise RuntimeError(f"rank {self.rank}: forward failed: {model.fatal}") \
                     from model.fatal

@@ -111,7 +111,8 @@ class ParallelLayer:
         qk = apply_rope(qk, cos, sin)
         q, k = qk[:, :self.nh], qk[:, self.nh:]
         if rows is None:
-            a = paged_attention(q, k, v, cache, meta, self.scale)
+            # An empty micro-batch has no sequences to attend for.
+            a = paged_attention(q, k, v, cache, meta, self.scale) if N else q
         else:
             # Context parallel: every rank needs every key and value (its queries attend to
             # all earlier positions, and the full cache is what it hands on), so K/V are
@@ -119,7 +120,7 @@ class ParallelLayer:
             r0, r1, counts = rows
             kv = self.comm.all_gather_rows(torch.cat((k, v), 1).contiguous(), counts,
                                            self.cp_group, "cp.kv")
-            write_kv(cache, kv[:, :self.nkv], kv[:, self.nkv:], meta.slot_mapping)
+            write_kv(cache, kv[:, :self.nkv], kv[:, self.nkv:], meta)
             a = attention_rows(q, cache, meta, r0, r1, self.scale)
         if self.tp_group is None:
             o = F.linear(a.reshape(N, self.q_size), w["o"], w.get("o_bias"))
