@@ -111,9 +111,12 @@ def analyse(name, kw, d, cfg, dtype_bytes=4) -> dict:
                 ep_bytes += b
         comm_s.append(secs)
         if tp > 1:
-            # Row counts per CP rank differ; with cp == 1 every TP rank sees all n rows.
+            # Two all-reduces per layer (attention output, MLP output), except that MoE
+            # layers whose experts are spread over the TP ranks all-gather token shares
+            # instead of all-reducing partial sums (counted under ep.tp_gather).
             rows = n / kw.get("cp", 1)
-            tp_formula += 2 * r["layers"] * rows * H * dtype_bytes
+            mlp_ar = r["layers"] - (r["moe_layers"] if ep > 1 and ep_over_tp else 0)
+            tp_formula += (r["layers"] + mlp_ar) * rows * H * dtype_bytes
         if ep > 1 and c["tp"] == 0 and c["cp"] == 0:
             share = 1 if ep_over_tp else tp
             ep_formula += 2 * r["moe_layers"] * n * k * H * dtype_bytes * share
