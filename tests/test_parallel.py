@@ -61,10 +61,24 @@ def ckpts(tmp_path_factory):
 def _layouts_worker(rank, world, layouts, prompts, ckpts):
     from disagg.parallel import ParallelEngine, ParallelLayout
 
+    from disagg.model import CausalLM
+
     bad = []
     for fam, (path, refs) in ckpts.items():
+        full = None
         for name, kw in layouts:
             eng = ParallelEngine(path, ParallelLayout(**kw), timeout_s=60, **ENGINE)
+            # Each rank loaded only its shard: at most its TP x PP share of the dense weights
+            # (slack for replicated norms, routers and, when EP spans TP, the shared expert),
+            # and fewer experts with EP. DP and CP replicate the model by design.
+            if full is None:
+                full = sum(t.numel() * 4
+                           for t in _tensors(CausalLM.from_pretrained(path, dtype="float32")))
+            split = kw.get("tp", 1) * kw.get("pp", 1)
+            bound = full * (1 / split + 0.1) if split > 1 else full * 0.9
+            if (split > 1 or kw.get("ep", 1) > 1) and eng.model.weight_bytes() > bound:
+                bad.append(f"{fam} {name}: rank {rank} holds {eng.model.weight_bytes()} "
+                           f"of {full} weight bytes")
             res = eng.generate([{"prompt_token_ids": p} for p in prompts],
                                SamplingParams(temperature=0, max_tokens=NEW_TOKENS,
                                               ignore_eos=True))
@@ -75,6 +89,77 @@ def _layouts_worker(rank, world, layouts, prompts, ckpts):
             eng.comm.stop_watchdog()
     if bad:
         raise AssertionError("\n".join(bad))
+
+
+def _tensors(m):
+    """Every weight tensor of a single-process CausalLM (shared ones once)."""
+    seen = {}
+    for t in [m.embed, m.lm_head, m.norm]:
+        seen[id(t)] = t
+    for layer in m.layers:
+        for t in layer.w.values():
+            seen[id(t)] = t
+        for name in ("gate_up", "down", "gate", "w13", "w2", "shared_gate"):
+            t = getattr(layer.mlp, name, None)
+            if isinstance(t, torch.Tensor):
+                seen[id(t)] = t
+        sh = getattr(layer.mlp, "shared", None)
+        if sh is not None:
+            seen[id(sh.gate_up)], seen[id(sh.down)] = sh.gate_up, sh.down
+    return seen.values()
+
+
+def test_layout_groups_and_rank_order():
+    from disagg.parallel import ParallelLayout
+
+    for kw in [dict(tp=2, pp=2, dp=2), dict(tp=2, dp=4, ep=4), dict(tp=2, cp=2, pp=2),
+               dict(tp=2, dp=2, ep=2, ep_over_tp=False)]:
+        lay = ParallelLayout(**kw)
+        W = lay.world_size
+        for r in range(W):
+            assert lay.rank_of(**lay.coords(r)) == r
+        assert lay.coords(1)["tp"] == (1 if lay.tp > 1 else 0)  # TP is fastest
+        for kind, groups in lay._groups().items():
+            if kind == "ep" and lay.ep == 1:
+                continue
+            members = sorted(r for g in groups for r in g)
+            assert members == list(range(W)), kind  # every kind partitions the world
+        for g in lay._groups()["ep"]:
+            assert len(g) == lay.ep
+    with pytest.raises(ValueError):
+        ParallelLayout(tp=2, ep=3)
+    with pytest.raises(ValueError):
+        ParallelLayout(dp=2, ep=2, cp=2)
+
+
+def test_micro_batches_cover_the_batch_on_sequence_boundaries():
+    from disagg.model import AttentionMetadata
+    from disagg.parallel.model import micro_batches
+
+    seqs = [(1, 9, [0, 1]), (1, 4, [2]), (1, 20, [3, 4, 5]), (7, 7, [6]), (5, 12, [7, 8])]
+    n = sum(s[0] for s in seqs)
+    meta = AttentionMetadata.build(seqs, 8, torch.arange(n))
+    for m in (1, 2, 3, 4, 8):
+        parts = micro_batches(meta, n, m)
+        assert len(parts) == m
+        assert [p[0] for p in parts][0] == 0 and parts[-1][1] == n
+        for (a, b, sub), nxt in zip(parts, parts[1:] + [(n, n, None)]):
+            assert b == nxt[0]
+            assert sub.slot_mapping.tolist() == list(range(a, b))
+            rows = sub.num_decode + sum(c.q_len for c in sub.prefills)
+            assert rows == b - a
+    # Two micro-batches: the cut falls on the sequence start nearest past the middle row,
+    # and the second part's rows are renumbered from zero.
+    (a0, b0, s0), (a1, b1, s1) = micro_batches(meta, n, 2)
+    assert (b0, s0.num_decode, len(s0.prefills)) == (10, 3, 1)
+    assert s1.num_decode == 0 and s1.prefills[0].start == 0 and s1.prefills[0].q_len == 5
+
+
+def test_router_balances_assigned_tokens():
+    from disagg.parallel import RequestRouter
+
+    r = RequestRouter(3)
+    assert [r.route(n, 10) for n in (100, 5, 5, 5, 5)] == [0, 1, 2, 1, 2]
 
 
 def test_layouts_world2(ckpts):

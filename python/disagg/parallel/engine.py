@@ -78,6 +78,8 @@ class ParallelEngine:
     def report(self) -> str:
         """The layout (who holds what) and, per kind of collective, what this rank moved."""
         lines = [self.layout.report(self.model.global_config), "",
+                 f"rank {self.rank} holds {self.model.weight_bytes() / 2**20:.2f} MiB of "
+                 f"weights",
                  f"rank {self.rank} communication ({len(self.step_log)} steps)",
                  "  kind          tag               calls        bytes   seconds"]
         for (kind, tag), (c, b, t) in sorted(self.comm.stats.items()):

@@ -339,6 +339,30 @@ class ParallelCausalLM(CausalLM):
                       split_group=self.tp_group if ep_over_tp and tp > 1 else None,
                       shared=shared, shared_gate=shared_gate, partial=split_experts), split_experts)
 
+    def weight_bytes(self) -> int:
+        """Bytes of checkpoint weights this rank holds (its shard, not the model)."""
+        seen, total = set(), 0
+
+        def add(t):
+            nonlocal total
+            if isinstance(t, torch.Tensor) and id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+
+        for t in (self.embed, self.lm_head, self.norm):
+            add(t)
+        for layer in self.layers:
+            for t in layer.w.values():
+                add(t)
+            mlp = layer.mlp
+            for name in ("gate_up", "down", "gate", "w13", "w2", "shared_gate"):
+                add(getattr(mlp, name, None))
+            sh = getattr(mlp, "shared", None)
+            if sh is not None:
+                add(sh.gate_up)
+                add(sh.down)
+        return total
+
     # ---- running --------------------------------------------------------------------------------
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
