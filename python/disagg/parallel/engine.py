@@ -87,6 +87,10 @@ class ParallelEngine:
         return "\n".join(lines)
 
     def _sync_has_work(self, mine: bool) -> bool:
+        # Only replicas that share expert all-to-alls must agree on stepping; the ranks of one
+        # replica already agree (same requests, same scheduler decisions, same logits).
+        if not self.model.needs_lockstep:
+            return mine
         flag = torch.tensor([1 if mine else 0], dtype=torch.int32)
         self.comm.all_reduce(flag, dist.group.WORLD, "control", op=dist.ReduceOp.MAX)
         return bool(flag.item())
