@@ -4,6 +4,7 @@
 """
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -23,8 +24,9 @@ def main():
     llm = LLM(args.model, dtype="float32", enforce_eager=True, max_model_len=512,
               max_num_seqs=max(64, args.batch))
     g = torch.Generator().manual_seed(args.seed)
-    vocab = llm.get_tokenizer().vocab_size if hasattr(llm, "get_tokenizer") else 384
-    prompts = torch.randint(2, min(vocab, 384), (args.batch, args.prompt_len), generator=g).tolist()
+    with open(os.path.join(args.model, "config.json")) as f:
+        vocab = json.load(f)["vocab_size"]  # the same bound bench_vs_vllm.sh draws with
+    prompts = torch.randint(2, vocab, (args.batch, args.prompt_len), generator=g).tolist()
     sp = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
     inputs = [{"prompt_token_ids": p} for p in prompts]
     out = {}
