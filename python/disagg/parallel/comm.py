@@ -132,9 +132,7 @@ class Comm:
 
     def all_to_all(self, out: torch.Tensor, inp: torch.Tensor, out_splits, in_splits, group,
                    tag: str) -> torch.Tensor:
-        row = inp[0].numel() * inp.element_size() if inp.dim() > 1 and inp.shape[0] else 0
-        if inp.dim() > 1 and inp.shape[0] == 0:
-            row = 0
+        row = inp[0].numel() * inp.element_size() if inp.shape[0] else 0
         self._run("all_to_all", tag, sum(in_splits) * row if in_splits is not None
                   else inp.numel() * inp.element_size(),
                   lambda: dist.all_to_all_single(out, inp, output_split_sizes=out_splits,

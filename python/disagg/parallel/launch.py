@@ -6,7 +6,6 @@ import json
 import os
 import sys
 
-import torch
 import torch.distributed as dist
 
 
@@ -16,7 +15,9 @@ def init_distributed(timeout_s: float = 60.0, backend: str = None) -> None:
     answer in time, so no rank waits forever on a dead one."""
     if dist.is_initialized():
         return
-    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    # The reference runtime keeps its tensors on the CPU, which NCCL cannot move: gloo until
+    # the model runs on GPUs.
+    backend = backend or "gloo"
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
 
 
