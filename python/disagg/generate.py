@@ -32,11 +32,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     from .spec.config import add_spec_args
 
     add_spec_args(ap)
+
+    par = ap.add_argument_group("parallel (launch with torchrun; see docs/parallel.md)")
+    for n, h in (("tp", "tensor"), ("pp", "pipeline"), ("ep", "expert"), ("dp", "data"),
+                 ("cp", "context")):
+        par.add_argument(f"--{n}", type=int, default=1, help=f"{h}-parallel size")
+    par.add_argument("--ep-tp-experts", action="store_true",
+                     help="with --ep and --tp: split every expert over TP and lay EP over "
+                          "replicas (default: EP spans the TP ranks, experts whole)")
+    par.add_argument("--dist-timeout", type=float, default=60.0,
+                     help="seconds before a stuck collective ends the job")
+    par.add_argument("--report", action="store_true", help="print the layout report (rank 0)")
     return ap.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    import os
+
+    if max(args.tp, args.pp, args.ep, args.dp, args.cp) > 1 or \
+            int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from .parallel.launch import main_parallel
+
+        return main_parallel(args)
     from . import LLM, SamplingParams
     from .spec.config import spec_config_from_args
 

@@ -88,6 +88,15 @@ class WeightStore:
         t = self._handles[self._where[name]].get_tensor(name)
         return t.to(dtype or self.dtype).contiguous()
 
+    def get_part(self, name: str, index: tuple, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """Read only ``tensor[index]`` (a tuple of slices) from disk: a parallel rank loads its
+        shard without materializing the whole tensor."""
+        if name not in self._where:
+            raise KeyError(f"checkpoint {self.path!r} is missing tensor {name!r}")
+        self.used.add(name)
+        t = self._handles[self._where[name]].get_slice(name)[index]
+        return t.to(dtype or self.dtype).contiguous()
+
     def require(self, name: str, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         if name not in self._where:
             raise KeyError(f"checkpoint {self.path!r} is missing tensor {name!r}")
