@@ -13,8 +13,9 @@ from .moe import EPDispatcher, MoERouter  # noqa: E402
 from .kv import OutOfBlocksError, PagedKVCache  # noqa: E402
 from .engine import SamplingParams  # noqa: E402
 from .llm import LLM  # noqa: E402
+from .serve.system import DisaggregatedInferenceSystem, InferenceConfig  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = ["ops", "MoERouter", "EPDispatcher", "PagedKVCache", "OutOfBlocksError", "LLM",
-           "SamplingParams", "__version__"]
+           "SamplingParams", "InferenceConfig", "DisaggregatedInferenceSystem", "__version__"]
