@@ -89,8 +89,6 @@ def test_last_step_logits_match_hf(family_ckpt):
 
 
 def test_sharded_checkpoint_and_bf16(tmp_path):
-    import transformers as tf
-
     hf = make_checkpoint("mixtral", str(tmp_path / "one"), seed=7)
     hf.save_pretrained(str(tmp_path / "sharded"), max_shard_size="200KB")
     import os
@@ -98,7 +96,6 @@ def test_sharded_checkpoint_and_bf16(tmp_path):
     a = CausalLM.from_pretrained(str(tmp_path / "one"), dtype="float32")
     b = CausalLM.from_pretrained(str(tmp_path / "sharded"), dtype="float32")
     assert torch.equal(a.layers[1].mlp.w13, b.layers[1].mlp.w13)
-    assert tf is not None
     c = CausalLM.from_pretrained(str(tmp_path / "one"), dtype="bfloat16")
     assert c.layers[0].w["qkv"].dtype == torch.bfloat16
     llm = LLM(str(tmp_path / "one"), dtype="bfloat16")

@@ -1,5 +1,6 @@
 // CPU implementation of paged decode attention: argument checks, then the torch-free kernel.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "checks.h"
@@ -51,10 +52,12 @@ at::Tensor paged_decode_attention_cpu_op(const at::Tensor& q, const at::Tensor& 
     if (bt.scalar_type() == at::kInt)
       return paged_decode_attention_cpu<scalar_t, int32_t>(
           qp, B, Hq, D, cp, kv_cache.size(0), kv_cache.size(2), Hkv, bt.data_ptr<int32_t>(),
-          bt.size(1), cl.data_ptr<int32_t>(), static_cast<float>(scale), sliding_window, op_);
+          bt.size(1), cl.data_ptr<int32_t>(), static_cast<float>(scale), sliding_window, op_,
+          at::get_num_threads());
     return paged_decode_attention_cpu<scalar_t, int64_t>(
         qp, B, Hq, D, cp, kv_cache.size(0), kv_cache.size(2), Hkv, bt.data_ptr<int64_t>(),
-        bt.size(1), cl.data_ptr<int64_t>(), static_cast<float>(scale), sliding_window, op_);
+        bt.size(1), cl.data_ptr<int64_t>(), static_cast<float>(scale), sliding_window, op_,
+          at::get_num_threads());
   });
   check_status(s, op,
                "ctx_lens must be in [1, max_blocks * block_size] and the blocks they use in "

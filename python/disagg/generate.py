@@ -26,7 +26,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--ignore-eos", action="store_true")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--max-num-seqs", type=int, default=64)
-    ap.add_argument("--max-num-batched-tokens", type=int, default=512)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--no-chunked-prefill", action="store_true")
     ap.add_argument("--block-size", type=int, default=16)
     return ap.parse_args(argv)
@@ -43,9 +43,13 @@ def main(argv=None) -> int:
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                             seed=args.seed, max_tokens=args.max_tokens, stop=args.stop,
                             ignore_eos=args.ignore_eos)
-    llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens,
-              enable_chunked_prefill=not args.no_chunked_prefill, block_size=args.block_size)
+    try:
+        llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+                  max_num_batched_tokens=args.max_num_batched_tokens,
+                  enable_chunked_prefill=not args.no_chunked_prefill, block_size=args.block_size)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        print(f"error: cannot load {args.model!r}: {e}", file=sys.stderr)
+        return 2
     results = []
     for out in llm.generate(prompts, params):
         r = {"prompt_token_ids": out.prompt_token_ids, "token_ids": out.outputs[0].token_ids,

@@ -50,7 +50,7 @@ class Engine:
     def __init__(self, model: Union[str, CausalLM] = "default", tokenizer: Optional[str] = None,
                  *, dtype: str = "auto", block_size: int = 16, num_blocks: Optional[int] = None,
                  kv_cache_bytes: int = 1 << 30, max_model_len: Optional[int] = None,
-                 max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
+                 max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  enable_chunked_prefill: bool = True):
         from ..kv import PagedKVCache
 
@@ -278,8 +278,14 @@ class Engine:
         if len(req.output_token_ids) >= p.max_tokens or req.num_tokens >= self.max_model_len:
             self._finish(req, "length")
 
-    def step(self) -> list:
+    def step(self, emit_all: bool = True) -> list:
         """Run one scheduling step and forward pass.
+
+        Parameters
+        ----------
+        emit_all : bool
+            False returns only finished requests (offline use: building an output per token
+            per request costs more than it is worth there; callbacks still see every token).
 
         Returns
         -------
@@ -346,13 +352,15 @@ class Engine:
                 if req.first_token_time is None:
                     req.first_token_time = now
                 self._check_stop(req, tok)
-                out = req.to_output()
                 if req.callback is not None:
                     if not req.finished and not p.stop_strings:
                         req.text = self._detok(req)
-                        out = req.to_output()
+                    out = req.to_output()
                     req.callback(out)
-                outputs.append(out)
+                    if emit_all or req.finished:
+                        outputs.append(out)
+                elif emit_all or req.finished:
+                    outputs.append(req.to_output())
             except Exception as e:  # one request's failure (bad logits, callback) is its own
                 log.exception("request %s failed", req.request_id)
                 if not req.finished:
@@ -364,7 +372,7 @@ class Engine:
         """Step until every request is done; returns the final outputs in finishing order."""
         done = []
         while self.has_unfinished() or self._pending:
-            for out in self.step():
+            for out in self.step(emit_all=False):
                 if out.finished:
                     done.append(out)
         return done

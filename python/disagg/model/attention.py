@@ -37,6 +37,16 @@ class AttentionMetadata:
     decode_ctx_lens: Optional[torch.Tensor] = None  # [B] int64 (including the new token)
     prefills: list = field(default_factory=list)
     sliding_window: Optional[int] = None
+    kv_rows: Optional[torch.Tensor] = None  # [2N] rows of cache.view(-1, Hkv, D): K then V
+
+    def cache_rows(self) -> torch.Tensor:
+        """Where the new tokens' K and V go in a layer cache viewed as ``[NB*2*bs, Hkv, D]``;
+        computed once per step and shared by the layers."""
+        if self.kv_rows is None:
+            bs = self.block_size
+            k = (self.slot_mapping // bs) * (2 * bs) + self.slot_mapping % bs
+            self.kv_rows = torch.cat((k, k + bs))
+        return self.kv_rows
 
     @classmethod
     def build(cls, seqs: Sequence[tuple], block_size: int, slot_mapping: torch.Tensor,
@@ -68,12 +78,11 @@ class AttentionMetadata:
         return meta
 
 
-def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-    """Store new ``k, v [N, Hkv, D]`` into ``cache [NB, 2, bs, Hkv, D]`` at flat ``slots``."""
-    nb, _, bs = cache.shape[:3]
-    blk, off = slots // bs, slots % bs
-    cache[blk, 0, off] = k
-    cache[blk, 1, off] = v
+def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             meta: "AttentionMetadata") -> None:
+    """Store new ``k, v [N, Hkv, D]`` into ``cache [NB, 2, bs, Hkv, D]`` at the step's slots."""
+    cache.view(-1, cache.shape[-2], cache.shape[-1]).index_copy_(
+        0, meta.cache_rows(), torch.cat((k, v)))
 
 
 def _gather(cache: torch.Tensor, table: torch.Tensor, n: int, which: int) -> torch.Tensor:
@@ -88,11 +97,13 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: to
 
     Writes the new K/V into ``cache`` and returns ``[N, Hq, D]``.
     """
-    write_kv(cache, k, v, meta.slot_mapping)
+    write_kv(cache, k, v, meta)
+    nd = meta.num_decode
+    if not meta.prefills:  # a pure decode step: one call, no output stitching
+        return decode_attention(q, cache, meta, scale)
     out = torch.empty_like(q)
     hq, hkv = q.shape[1], k.shape[1]
     gqa = hq != hkv
-    nd = meta.num_decode
     if nd:
         out[:nd] = decode_attention(q[:nd], cache, meta, scale)
     for c in meta.prefills:

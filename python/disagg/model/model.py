@@ -83,7 +83,7 @@ class MoE:
         E, I, k = self.num_experts, self.inter, self.top_k
         rows = x.shape[0] * k
         cap = int(r.counts.max())
-        if E * cap <= 2 * rows:
+        if rows <= 512 and E * cap <= 2 * rows:
             lay = ops.moe_layout(r.ids, E, capacity=cap, slots=r.slots)
             xp = ops.moe_permute(x, lay.src, k).view(E, cap, -1)
             h = torch.bmm(xp, self.w13)

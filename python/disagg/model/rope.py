@@ -109,11 +109,15 @@ class RotaryEmbedding:
         pos = torch.arange(n, dtype=torch.float32)
         freqs = pos[:, None] * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos() * self.attention_factor, emb.sin() * self.attention_factor
+        sin = emb.sin() * self.attention_factor
+        # The first half carries rotate-half's minus sign, so apply_rope needs no negation.
+        half = sin.shape[-1] // 2
+        sin[:, :half] = -sin[:, :half]
+        return emb.cos() * self.attention_factor, sin
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin for each position, ``[N, head_dim]`` in ``dtype``."""
+        """cos and signed sin (first half negated) for each position, ``[N, head_dim]``."""
         n = int(positions.max()) + 1 if positions.numel() else 1
         if self.rope_type == "dynamic" and n > self.max_pos:
             cos, sin = self._table(self._dynamic_inv_freq(n), n)
@@ -126,8 +130,7 @@ class RotaryEmbedding:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x [N, heads, head_dim]`` (rotate-half convention) by per-token cos/sin."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    rot = torch.cat((-x2, x1), dim=-1)
-    return x * cos[:, None, :] + rot * sin[:, None, :]
+    """Rotate ``x [N, heads, head_dim]`` (rotate-half convention) by per-token ``cos`` and
+    signed ``sin`` from :meth:`RotaryEmbedding.cos_sin`:
+    ``x * cos + cat(-x2, x1) * sin == x * cos + roll(x, half) * signed_sin``."""
+    return torch.addcmul(x * cos[:, None, :], x.roll(x.shape[-1] // 2, -1), sin[:, None, :])
