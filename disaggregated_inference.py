@@ -44,10 +44,17 @@ def _serving_model(tmp: str) -> str:
 
 
 def _bench_args(url: str, rates, n: int, slo_ttft_ms: float, slo_tpot_ms: float):
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(url + "/v1/models", timeout=30) as r:
+        max_len = json.load(r)["data"][0]["max_model_len"]
+    # long prompts as long as the context allows (the default model has 512 positions)
+    long_len = min(1024, max_len - 40)
     return SimpleNamespace(url=url, model=None, api_key=None, endpoint="completions",
                            dataset="random", random_input_len=48, random_output_len=24,
                            random_range_ratio=0.25, prefill_heavy_fraction=0.35,
-                           long_input_len=1024, num_prompts=n, request_rate=rates[0],
+                           long_input_len=long_len, num_prompts=n, request_rate=rates[0],
                            burstiness=1.0, sweep=",".join(map(str, rates)),
                            slo_ttft_ms=slo_ttft_ms, slo_tpot_ms=slo_tpot_ms, attainment=0.9,
                            seed=0, timeout=300.0, output=None, plot=None)
@@ -57,7 +64,7 @@ def demo_serving(rates, n: int, slo_ttft_ms: float, slo_tpot_ms: float, plot: st
     from disagg.bench import serve as sb
 
     print("\n== Disaggregated vs colocated serving (3 processes each: HTTP/router + 2 workers) ==")
-    print(f"  workload: {n} requests per rate, 35% with 1024-token prompts, the rest ~48; "
+    print(f"  workload: {n} requests per rate, 35% with long prompts (up to 1024 tokens, capped by the context), the rest ~48; "
           f"24 output tokens; SLOs TTFT <= {slo_ttft_ms:.0f} ms, TPOT <= {slo_tpot_ms:.0f} ms")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

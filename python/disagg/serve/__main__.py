@@ -127,6 +127,7 @@ def _run_frontend(args, roles, ctrl, children) -> int:
     from .server import serve_frontend
 
     path = resolve_model_path(args.model)
+    args.model_path = path
     name = args.served_model_name or ("default" if args.model == "default"
                                       else os.path.basename(os.path.normpath(path)))
     try:

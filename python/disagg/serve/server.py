@@ -43,9 +43,10 @@ def _err(status: int, message: str, type_: str = "invalid_request_error") -> web
                              status=status)
 
 
-def apply_chat_template(messages) -> str:
-    """The default model's chat format: ``<|role|>\\ncontent\\n`` per message, then
-    ``<|assistant|>\\n`` (the byte-level tokenizer has no template of its own)."""
+def apply_chat_template(messages, template: Optional[str] = None) -> str:
+    """Render ``messages`` with the model's ``chat_template`` (tokenizer_config.json, in a
+    sandboxed Jinja environment) or, without one, ``<|role|>\\ncontent\\n`` per message then
+    ``<|assistant|>\\n``."""
     if not isinstance(messages, list) or not messages:
         raise HTTPError(400, "'messages' must be a non-empty list")
     parts = []
@@ -58,6 +59,18 @@ def apply_chat_template(messages) -> str:
         if not isinstance(c, str):
             raise HTTPError(400, "message content must be a string")
         parts.append(f"<|{m['role']}|>\n{c}\n")
+    if template:
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        env = ImmutableSandboxedEnvironment()
+        msgs = [dict(m, content=c) for m, c in zip(messages, [
+            m["content"] if isinstance(m["content"], str) else
+            "".join(p.get("text", "") for p in m["content"] if isinstance(p, dict))
+            for m in messages])]
+        try:
+            return env.from_string(template).render(messages=msgs, add_generation_prompt=True)
+        except Exception as e:
+            raise HTTPError(400, f"chat template failed: {e}")
     return "".join(parts) + "<|assistant|>\n"
 
 
@@ -106,6 +119,14 @@ class Frontend:
         self.ready = asyncio.Event()
         self.max_model_len = 0
         self.shutting_down = False
+        self.chat_template = None
+        if tokenizer is not None and getattr(args, "model_path", None):
+            import os
+            f = os.path.join(args.model_path, "tokenizer_config.json")
+            if os.path.isfile(f):
+                with open(f) as fh:
+                    t = json.load(fh).get("chat_template")
+                self.chat_template = t if isinstance(t, str) else None
 
     # ---- control plane -----------------------------------------------------------------------
 
@@ -446,7 +467,7 @@ class Frontend:
 
     async def chat(self, request):
         data = await self._parse(request)
-        prompt = apply_chat_template(data.get("messages"))
+        prompt = apply_chat_template(data.get("messages"), self.chat_template)
         ids, params, mt = self._build(data, prompt)
         return await self._serve(request, data, ids, params, mt, chat=True)
 
