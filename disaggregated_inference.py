@@ -1,6 +1,10 @@
 """disagg demonstration: run ``python disaggregated_inference.py`` from the repository root.
 
 Prints measured figures for what the library does today:
+  0. Disaggregated vs colocated serving: real server processes (rank 0 HTTP + router, a prefill
+     and a decode worker, vs two colocated replicas: equal process count), driven by the serving
+     benchmark on a prefill-heavy mixed workload; TTFT/TPOT/goodput table. Then the chapter's
+     API: ``DisaggregatedInferenceSystem(InferenceConfig(...)).process_request(prompt)``.
   1. MoE routing and load balance: capacity factors, drop/reroute policies, and aux-loss-free
      bias balancing on skewed router logits, all routed by ``torch.ops.disagg.route``.
   2. Expert-parallel dispatch/combine (``EPDispatcher``) checked against the dense MoE layer.
@@ -8,12 +12,97 @@ Prints measured figures for what the library does today:
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
 import time
+from types import SimpleNamespace
 
 import torch
 
 import disagg
-from disagg import EPDispatcher, MoERouter, ops
+from disagg import (DisaggregatedInferenceSystem, EPDispatcher, InferenceConfig, MoERouter,
+                    ops)
+
+__all__ = ["InferenceConfig", "DisaggregatedInferenceSystem", "MoERouter", "main"]
+
+
+def _serving_model(tmp: str) -> str:
+    """The packaged default model, or (in an install without it) a small random Mixtral."""
+    from disagg.model import resolve_model_path
+
+    try:
+        return resolve_model_path("default")
+    except FileNotFoundError:
+        from disagg.model.tiny import make_checkpoint
+
+        path = os.path.join(tmp, "mixtral")
+        print("  (no packaged default model in this install: serving a random Mixtral, "
+              "hidden 256, 4 layers, 8 experts top-2)")
+        make_checkpoint("mixtral", path, seed=0, hidden_size=256, num_hidden_layers=4,
+                        max_position_embeddings=2048)
+        return path
+
+
+def _bench_args(url: str, rates, n: int, slo_ttft_ms: float, slo_tpot_ms: float):
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(url + "/v1/models", timeout=30) as r:
+        max_len = json.load(r)["data"][0]["max_model_len"]
+    # long prompts as long as the context allows (the default model has 512 positions)
+    long_len = min(1024, max_len - 40)
+    return SimpleNamespace(url=url, model=None, api_key=None, endpoint="completions",
+                           dataset="random", random_input_len=48, random_output_len=24,
+                           random_range_ratio=0.25, prefill_heavy_fraction=0.35,
+                           long_input_len=long_len, num_prompts=n, request_rate=rates[0],
+                           burstiness=1.0, sweep=",".join(map(str, rates)),
+                           slo_ttft_ms=slo_ttft_ms, slo_tpot_ms=slo_tpot_ms, attainment=0.9,
+                           seed=0, timeout=300.0, output=None, plot=None)
+
+
+def demo_serving(rates, n: int, slo_ttft_ms: float, slo_tpot_ms: float, plot: str = None) -> None:
+    from disagg.bench import serve as sb
+
+    print("\n== Disaggregated vs colocated serving (3 processes each: HTTP/router + 2 workers) ==")
+    print(f"  workload: {n} requests per rate, 35% with long prompts (up to 1024 tokens, capped by the context), the rest ~48; "
+          f"24 output tokens; SLOs TTFT <= {slo_ttft_ms:.0f} ms, TPOT <= {slo_tpot_ms:.0f} ms")
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        model = _serving_model(tmp)
+        for mode in ("disaggregated", "colocated"):
+            cfg = InferenceConfig(num_gpus=2, model=model, mode=mode,
+                                  extra_args=["--max-num-batched-tokens", "256"])
+            t0 = time.perf_counter()
+            with DisaggregatedInferenceSystem(cfg) as system:
+                system.setup_prefill_workers()
+                system.setup_decode_workers()
+                print(f"  [{mode}] server up in {time.perf_counter() - t0:.1f} s; sweeping "
+                      f"{rates} req/s", flush=True)
+                results[mode] = sb.run_bench(_bench_args(system.url, rates, n, slo_ttft_ms,
+                                                         slo_tpot_ms))
+                if mode == "disaggregated":
+                    r = system.process_request("The quick brown fox jumps over the lazy dog. "
+                                               * 4, max_tokens=16)
+                    print(f"  chapter API: process_request -> {len(r['token_ids'])} tokens, "
+                          f"TTFT {r['ttft_s'] * 1e3:.0f} ms, total {r['e2e_s'] * 1e3:.0f} ms "
+                          f"({r['prefill_workers']} prefill + {r['decode_workers']} decode "
+                          f"worker)")
+    hdr = (f"{'mode':>14} {'rate':>5} | {'TTFT p50':>9} {'TTFT p90':>9} {'TPOT p50':>9} "
+           f"{'TPOT p90':>9} | {'SLO ok':>6} {'goodput':>8}")
+    print("\n" + hdr + "\n" + "-" * len(hdr))
+    for mode, res in results.items():
+        for run in res["runs"]:
+            print(f"{mode:>14} {run['request_rate']:>5g} | {run['ttft_ms']['p50']:>7.0f}ms "
+                  f"{run['ttft_ms']['p90']:>7.0f}ms {run['tpot_ms']['p50']:>7.1f}ms "
+                  f"{run['tpot_ms']['p90']:>7.1f}ms | {run['slo_attainment']:>6.0%} "
+                  f"{run['goodput_rps']:>6.2f}/s")
+    d, c = results["disaggregated"]["goodput_rate"], results["colocated"]["goodput_rate"]
+    print(f"  goodput rate (highest swept rate with >= 90% of requests within both SLOs): "
+          f"disaggregated {d:g} req/s, colocated {c:g} req/s"
+          + (f" ({d / c:.1f}x)" if c else ""))
+    if plot:
+        sb.plot(list(results.items()), plot)
+        print(f"  plot: {plot}")
 
 
 def _skewed_logits(T: int, E: int, seed: int, skew: float = 1.0) -> torch.Tensor:
@@ -85,8 +174,17 @@ def main(argv=None) -> None:
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--experts", type=int, default=64)
     p.add_argument("--top-k", type=int, default=8)
+    p.add_argument("--rates", default="0.5,1,2", help="request rates swept by the serving demo")
+    p.add_argument("--num-prompts", type=int, default=16, help="requests per rate")
+    p.add_argument("--slo-ttft-ms", type=float, default=3000.0)
+    p.add_argument("--slo-tpot-ms", type=float, default=60.0)
+    p.add_argument("--plot", default=None, help="write the SLO attainment plot here (PNG)")
+    p.add_argument("--skip-serving", action="store_true")
     args = p.parse_args(argv)
     print(f"disagg {disagg.__version__} on torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if not args.skip_serving:
+        demo_serving([float(x) for x in args.rates.split(",")], args.num_prompts,
+                     args.slo_ttft_ms, args.slo_tpot_ms, args.plot)
     demo_routing(args.tokens, args.experts, args.top_k)
     demo_expert_parallel(256, 8, 2, 128)
 

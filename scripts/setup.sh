@@ -10,11 +10,11 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 . .venv/bin/activate
-stamp=.venv/.disagg-deps-v1
+stamp=.venv/.disagg-deps-v2
 if [ ! -f "$stamp" ]; then
   echo "[setup] installing torch 2.13.0 (CPU) and dependencies"
   pip install -q "torch==2.13.0" numpy scikit-build-core cmake ninja pytest expecttest \
-      "transformers>=4.45" safetensors tokenizers
+      "transformers>=4.45" safetensors tokenizers aiohttp openai matplotlib jinja2
   touch "$stamp"
 fi
 echo "[setup] building disagg"

@@ -14,8 +14,10 @@ from .kv import OutOfBlocksError, PagedKVCache  # noqa: E402
 from .engine import SamplingParams  # noqa: E402
 from .llm import LLM  # noqa: E402
 from .spec import SpeculativeDecoder  # noqa: E402
+from .serve.system import DisaggregatedInferenceSystem, InferenceConfig  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = ["ops", "MoERouter", "EPDispatcher", "PagedKVCache", "OutOfBlocksError", "LLM",
-           "SamplingParams", "SpeculativeDecoder", "__version__"]
+           "SamplingParams", "SpeculativeDecoder", "InferenceConfig", "DisaggregatedInferenceSystem",
+           "__version__"]

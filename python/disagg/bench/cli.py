@@ -15,6 +15,9 @@ FAMILIES = {
     "kv": "disagg.bench.kv",
     "tree": "disagg.bench.tree",
 }
+# ``serve`` drives a running server over HTTP: it takes none of the op flags (--device,
+# --check, --min-run-time) and prints its own report.
+SERVE = "disagg.bench.serve"
 
 
 def main(argv=None) -> int:
@@ -30,7 +33,14 @@ def main(argv=None) -> int:
         p.add_argument("--json", action="store_true", help="one JSON object per case")
         p.add_argument("--min-run-time", type=float, default=0.3, help="seconds per timing")
         mod.add_arguments(p)
+    p = sub.add_parser("serve", help="serving benchmark against an OpenAI-compatible server")
+    importlib.import_module(SERVE).add_arguments(p)
     args = parser.parse_args(argv)
+    if args.family == "serve":
+        serve = importlib.import_module(SERVE)
+        out = serve.run_bench(args)
+        print(json.dumps(out))
+        return 0
     import torch
 
     import disagg  # noqa: F401

@@ -91,6 +91,9 @@ class Engine:
         self._ids = itertools.count()
         self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0}
         self.spec = SpecRunner(self, SpecConfig.coerce(speculative) or SpecConfig())
+        # Disaggregated serving: called with a finishing request while its KV blocks are still
+        # held, so a prefill worker can pack them for a decode worker before they are freed.
+        self.on_finish_kv: Optional[Callable[[Request, str], None]] = None
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -161,6 +164,56 @@ class Engine:
         self.scheduler.add(req)
         return rid
 
+    def add_request_from_kv(self, prompt_token_ids: list, first_token: int, kv_buffer,
+                            params: Optional[SamplingParams] = None,
+                            request_id: Optional[str] = None,
+                            callback: Optional[Callable[[RequestOutput], None]] = None) -> str:
+        """Start decoding a request whose prompt was computed elsewhere (disaggregated decode).
+
+        ``kv_buffer`` is a ``kv_pack`` buffer holding the prompt's K/V (from a cache of any
+        block size); ``first_token`` is the token the prefill worker sampled. The request joins
+        the running batch directly with its prompt counted as computed.
+
+        Raises
+        ------
+        ValueError
+            Bad prompt, params, or a buffer that does not cover the prompt.
+        OutOfBlocksError
+            Not enough free blocks now; nothing changes, the caller may retry later.
+        """
+        from ..ops import kv_buffer_info
+
+        params = params if params is not None else SamplingParams()
+        params.validate()
+        ids, _ = self._prompt_ids(list(prompt_token_ids))
+        info = kv_buffer_info(kv_buffer)
+        if info.num_tokens != len(ids) or info.num_layers != self.model.config.num_hidden_layers:
+            raise ValueError(f"KV buffer holds {info.num_tokens} tokens x {info.num_layers} "
+                             f"layers, the prompt needs {len(ids)} x "
+                             f"{self.model.config.num_hidden_layers}")
+        if not 0 <= int(first_token) < self.model.config.vocab_size:
+            raise ValueError(f"first_token {first_token} out of range")
+        rid = str(request_id) if request_id is not None else f"req-{next(self._ids)}"
+        if rid in self.requests:
+            raise ValueError(f"request id {rid!r} is already in use")
+        # one extra token of room so the first decode step cannot fail on a full last block
+        if not self.kv.can_allocate(len(ids) + 1):
+            from ..kv import OutOfBlocksError
+            raise OutOfBlocksError(self.kv.blocks_needed(len(ids) + 1), self.kv.num_free_blocks,
+                                   f"add_request_from_kv({rid!r})")
+        self.kv.unpack(rid, kv_buffer)
+        req = Request(rid, None, ids, params, self.eos_token_ids, callback)
+        req.num_computed = len(ids)
+        req.status = Status.RUNNING
+        req.output_token_ids.append(int(first_token))
+        req.first_token_time = time.perf_counter()
+        self.requests[rid] = req
+        self.scheduler.running.append(req)
+        self._check_stop(req, int(first_token))
+        if req.finished:
+            self._pending.append(req.to_output())
+        return rid
+
     def abort(self, request_id: str) -> bool:
         """Stop a request and free its blocks; returns False if it is unknown or done."""
         req = self.requests.get(request_id)
@@ -184,6 +237,12 @@ class Engine:
     # ---- stepping -------------------------------------------------------------------------
 
     def _finish(self, req: Request, reason: str, stop_reason=None, error: Optional[str] = None):
+        if self.on_finish_kv is not None and reason != "error" and self.kv.has(req.request_id):
+            try:
+                self.on_finish_kv(req, reason)
+            except Exception as e:  # the hook's failure is this request's, not the engine's
+                log.exception("on_finish_kv failed for %s", req.request_id)
+                reason, error = "error", f"KV hand-off failed: {e}"
         self.scheduler.remove(req)
         self.spec.release(req.request_id)
         req.status = Status.FINISHED

@@ -96,7 +96,8 @@ class Request:
 
     def to_output(self) -> RequestOutput:
         m = {"arrival_time": self.arrival_time, "first_token_time": self.first_token_time,
-             "finished_time": self.finished_time, "num_preemptions": self.num_preemptions}
+             "finished_time": self.finished_time, "num_preemptions": self.num_preemptions,
+             "scheduled_time": getattr(self, "scheduled_time", None)}
         return RequestOutput(
             request_id=self.request_id, prompt=self.prompt,
             prompt_token_ids=list(self.prompt_token_ids),

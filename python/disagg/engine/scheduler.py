@@ -7,6 +7,7 @@ is preempted: its blocks are freed and it is recomputed from its tokens later.
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -136,6 +137,8 @@ class Scheduler:
             self.kv.allocate(req.request_id, n)
             self.waiting.popleft()
             req.status = Status.RUNNING
+            if getattr(req, "scheduled_time", None) is None:  # queue time for serving metrics
+                req.scheduled_time = time.perf_counter()
             self.running.append(req)
             out.append(ScheduledSeq(req, req.num_computed, n))
             budget -= n
