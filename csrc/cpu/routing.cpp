@@ -7,6 +7,7 @@
 
 #include "checks.h"
 #include "disagg/routing.h"
+#include "route_params.h"
 
 namespace disagg {
 namespace {

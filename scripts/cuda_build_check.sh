@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Builds the full CUDA variant of the extension against the CUDA torch (torch==2.14.1, CUDA 13.0)
+# in .venv-cuda, creating that venv if needed, and checks that it imports. No GPU is needed: this
+# proves that every csrc/cuda/*.cu compiles and links against torch's CUDA headers. Too slow for
+# every CI run on a small machine (see docs/cuda.md); run it before each device run and after
+# changing CUDA code.
+#
+#   bash scripts/cuda_build_check.sh            # archs: DISAGG_CUDA_ARCHS, default 80;90a;100
+#   DISAGG_CUDA_ARCHS=90a bash scripts/cuda_build_check.sh   # faster while iterating
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv-cuda/bin/python ]; then
+  echo "[cuda-build] creating .venv-cuda (torch 2.14.1 with CUDA 13.0, ~5.5 GB)"
+  "$PY" -m venv .venv-cuda
+fi
+if [ ! -f .venv-cuda/.disagg-deps-v1 ]; then
+  .venv-cuda/bin/pip install -q "torch==2.14.1" numpy scikit-build-core cmake ninja pytest
+  touch .venv-cuda/.disagg-deps-v1
+fi
+command -v nvcc >/dev/null || { echo "[cuda-build] nvcc not found on PATH" >&2; exit 2; }
+start=$(date +%s)
+# A build directory of its own: the CPU build (scripts/setup.sh) keeps build/<wheel tag>.
+DISAGG_CUDA=ON CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
+  .venv-cuda/bin/pip install -q --no-build-isolation --no-deps \
+  --config-settings=build-dir=build/cuda .
+elapsed=$(( $(date +%s) - start ))
+# Import from outside the source tree so the installed package (with _C) is the one loaded.
+(cd /tmp && "$OLDPWD/.venv-cuda/bin/python" -c '
+import torch, disagg, disagg._loader as l
+assert l.cuda_built(), "extension was built without the CUDA kernels"
+print("[cuda-build] import ok: torch", torch.__version__, "cuda", torch.version.cuda)
+')
+echo "[cuda-build] built in ${elapsed}s (archs: ${DISAGG_CUDA_ARCHS:-default})"
