@@ -71,7 +71,8 @@ PY
 say "bench families present: ${families:-none}"
 for fam in $families; do
   say "bench $fam"
-  timeout 150 "$PY" -m disagg.bench "$fam" --device cuda --check --json \
+  timeout "${GPU_CHECK_BENCH_TIMEOUT:-90}" "$PY" -m disagg.bench "$fam" --device cuda --check --json \
+    --min-run-time "${GPU_CHECK_MIN_RUN_TIME:-0.1}" \
     >>"$OUT/bench.jsonl" 2>>"$LOG" || say "bench $fam failed rc=$?"
 done
 

@@ -4,7 +4,8 @@
 // synchronizes with the host, so all of them can be captured in a CUDA graph.
 //
 // route runs as a short chain of kernels:
-//   1. one warp per token: scores, selection (bias, groups), top-k, weights, per-token normaliser
+//   1. one warp per token: ranking values (logits, or scores + bias with groups), top-k, weights,
+//      the row maximum and the weight normaliser
 //   2. one warp per chunk of assignments: each assignment's rank among the chunk's earlier
 //      assignments to the same expert, and the chunk's per-expert histogram
 //   3. one warp per expert: exclusive prefix of the histogram over chunks, expert totals
@@ -40,56 +41,61 @@ __host__ __device__ inline size_t align_up(size_t x, size_t a) { return (x + a -
 
 // ---- per-token building blocks (one warp, arrays in shared memory) -----------------------------
 
-// Scores of one token into s[0..E): softmax or sigmoid, with the CPU op's NaN/inf rules. The
-// arithmetic follows detail::score_row in routing.h step by step (max, exp, sum, one reciprocal,
-// multiply); only the order of the softmax sum differs (a warp tree instead of a loop).
+// Loads one token's row as float into xv[0..E) with NaN -> -inf; returns its maximum.
 template <typename T>
-__device__ void warp_score_row(const T* __restrict__ x, int E, Scoring scoring, float* s) {
+__device__ float warp_load_row(const T* __restrict__ x, int E, float* xv) {
   const int lane = threadIdx.x & 31;
-  if (scoring == Scoring::kSigmoid) {
-    for (int e = lane; e < E; e += kWarp) {
-      const float v = to_float_d(x[e]);
-      s[e] = isnan(v) ? 0.0f : 1.0f / (1.0f + expf(-v));
-    }
+  float mx = -INFINITY;
+  for (int e = lane; e < E; e += kWarp) {
+    const float v = to_float_d(x[e]);
+    xv[e] = isnan(v) ? -INFINITY : v;
+    mx = fmaxf(mx, xv[e]);
+  }
+  __syncwarp();
+  return warp_max(mx);
+}
+
+// Unnormalised score u(x) (weights are u / Z), the same formulas as detail::unnormalised on
+// the CPU: softmax exp(x - max) (a +inf maximum gives 1 to the +inf entries and 0 elsewhere, a
+// -inf maximum 0 everywhere), sigmoid 1 / (1 + exp(-x)).
+__device__ __forceinline__ float unnormalised_d(float x, float mx, Scoring scoring) {
+  if (scoring == Scoring::kSigmoid) return 1.0f / (1.0f + expf(-x));
+  if (mx == INFINITY) return x == INFINITY ? 1.0f : 0.0f;
+  if (mx == -INFINITY) return 0.0f;
+  return expf(x - mx);
+}
+
+// Sum of u over the row (the softmax denominator), reduced over the warp.
+__device__ __forceinline__ float warp_unnormalised_sum(const float* xv, int E, float mx,
+                                                       Scoring scoring) {
+  float s = 0.0f;
+  for (int e = threadIdx.x & 31; e < E; e += kWarp) s += unnormalised_d(xv[e], mx, scoring);
+  return warp_sum(s);
+}
+
+// Without bias or groups, experts are ranked by their logits (softmax and sigmoid are monotone),
+// which avoids the spurious ties of exp underflow; as detail::ranks_by_logits on the CPU.
+__host__ __device__ __forceinline__ bool ranks_by_logits(const RouteParams& p) {
+  return p.bias == nullptr && !(p.num_groups > 1 && p.topk_groups < p.num_groups);
+}
+
+// Ranking values sel[0..E) of one token (detail::selection_row on the CPU): the logits, or score
+// + bias with the experts outside the topk_groups best groups at -inf. gscore[G] and gtaken[G]
+// are scratch.
+__device__ void warp_selection_row(const float* xv, float mx, const RouteParams& p, float* sel,
+                                   float* gscore, uint8_t* gtaken) {
+  const int lane = threadIdx.x & 31;
+  const int E = static_cast<int>(p.num_experts);
+  if (ranks_by_logits(p)) {
+    for (int e = lane; e < E; e += kWarp) sel[e] = xv[e];
     __syncwarp();
     return;
   }
-  float mx = -INFINITY;
-  for (int e = lane; e < E; e += kWarp) {
-    float v = to_float_d(x[e]);
-    if (isnan(v)) v = -INFINITY;
-    s[e] = v;
-    mx = fmaxf(mx, v);
-  }
-  mx = warp_max(mx);
-  if (mx == -INFINITY) {
-    for (int e = lane; e < E; e += kWarp) s[e] = 0.0f;
-  } else if (mx == INFINITY) {
-    int n = 0;
-    for (int e = lane; e < E; e += kWarp) n += s[e] == mx;
-    n = warp_sum_int(n);
-    const float share = 1.0f / static_cast<float>(n);
-    for (int e = lane; e < E; e += kWarp) s[e] = s[e] == mx ? share : 0.0f;
-  } else {
-    float sum = 0.0f;
-    for (int e = lane; e < E; e += kWarp) {
-      const float u = expf(s[e] - mx);
-      s[e] = u;
-      sum += u;
-    }
-    const float inv = 1.0f / warp_sum(sum);
-    for (int e = lane; e < E; e += kWarp) s[e] *= inv;
-  }
-  __syncwarp();
-}
-
-// Selection scores sel = score + bias, experts outside the topk_groups best groups set to -inf
-// (detail::selection_row on the CPU). gscore[G] and gtaken[G] are scratch.
-__device__ void warp_selection_row(const float* s, const RouteParams& p, float* sel, float* gscore,
-                                   uint8_t* gtaken) {
-  const int lane = threadIdx.x & 31;
-  const int E = static_cast<int>(p.num_experts);
-  for (int e = lane; e < E; e += kWarp) sel[e] = s[e] + (p.bias ? p.bias[e] : 0.0f);
+  const float S = p.scoring == Scoring::kSoftmax ? warp_unnormalised_sum(xv, E, mx, p.scoring)
+                                                 : 1.0f;
+  const float inv = S > 0.0f ? 1.0f / S : 0.0f;
+  for (int e = lane; e < E; e += kWarp)
+    sel[e] = unnormalised_d(xv[e], mx, p.scoring) * inv + (p.bias ? p.bias[e] : 0.0f);
   __syncwarp();
   if (p.num_groups <= 1 || p.topk_groups >= p.num_groups) return;
   const int G = static_cast<int>(p.num_groups), per = E / G;
@@ -177,13 +183,13 @@ __host__ __device__ inline TokenSmem token_smem(int64_t E, int64_t G, int64_t k,
 template <typename T>
 __global__ void route_topk_kernel(const T* __restrict__ logits, RouteParams p,
                                   float* __restrict__ weights, int32_t* __restrict__ ids,
-                                  float* __restrict__ denom) {
+                                  float* __restrict__ row_max, float* __restrict__ norm) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wpb = blockDim.x >> 5;
   const int E = static_cast<int>(p.num_experts), k = static_cast<int>(p.top_k);
   const TokenSmem m = token_smem(E, p.num_groups, k, false);
   unsigned char* base = smem_raw + static_cast<size_t>(warp) * m.bytes;
-  float* score = reinterpret_cast<float*>(base + m.score);
+  float* xv = reinterpret_cast<float*>(base + m.score);
   float* sel = reinterpret_cast<float*>(base + m.sel);
   float* gscore = reinterpret_cast<float*>(base + m.gscore);
   int32_t* idx = reinterpret_cast<int32_t*>(base + m.idx);
@@ -191,18 +197,29 @@ __global__ void route_topk_kernel(const T* __restrict__ logits, RouteParams p,
   uint8_t* gtaken = base + m.gtaken;
   for (int64_t t = static_cast<int64_t>(blockIdx.x) * wpb + warp; t < p.num_tokens;
        t += static_cast<int64_t>(gridDim.x) * wpb) {
-    warp_score_row(logits + t * p.logits_row_stride, E, p.scoring, score);
-    warp_selection_row(score, p, sel, gscore, gtaken);
+    const float mx = warp_load_row(logits + t * p.logits_row_stride, E, xv);
+    warp_selection_row(xv, mx, p, sel, gscore, gtaken);
     warp_topk(sel, E, k, taken, idx);
-    // The normaliser is summed in choice order like on the CPU, so weights agree bit for bit
-    // whenever the scores do.
-    float sum = 0.0f;
-    for (int j = 0; j < k; ++j) sum += score[idx[j]];
-    const float d = (p.renormalize && sum > 0.0f) ? sum : 1.0f;
-    if (lane == 0) denom[t] = d;
+    // Weights as on the CPU: u / z * scale, z the sum of the chosen u (in choice order, so it
+    // matches bit for bit), or the softmax denominator, or 1.
+    float chosen = 0.0f;
+    for (int j = 0; j < k; ++j) chosen += unnormalised_d(xv[idx[j]], mx, p.scoring);
+    float z;
+    if (p.renormalize) {
+      z = chosen;
+    } else if (p.scoring == Scoring::kSoftmax) {
+      z = warp_unnormalised_sum(xv, E, mx, p.scoring);
+    } else {
+      z = 1.0f;
+    }
+    if (!(z > 0.0f)) z = 1.0f;  // a row with no mass keeps zero weights
+    if (lane == 0) {
+      row_max[t] = mx;
+      norm[t] = z;
+    }
     for (int j = lane; j < k; j += kWarp) {
       ids[t * k + j] = idx[j];
-      weights[t * k + j] = score[idx[j]] / d * p.routed_scaling_factor;
+      weights[t * k + j] = unnormalised_d(xv[idx[j]], mx, p.scoring) / z * p.routed_scaling_factor;
     }
     __syncwarp();
   }
@@ -419,7 +436,8 @@ __global__ void probs_select_kernel(int32_t* __restrict__ ids, float* __restrict
 // Sequential on purpose: every move changes the room the next one sees.
 template <typename T>
 __global__ void reroute_kernel(const T* __restrict__ logits, RouteParams p,
-                               const float* __restrict__ denom, const int32_t* __restrict__ order,
+                               const float* __restrict__ row_max,
+                               const float* __restrict__ norm, const int32_t* __restrict__ order,
                                const int32_t* __restrict__ num_order,
                                const uint64_t* __restrict__ sorted_keys, int64_t n,
                                int32_t* __restrict__ ids, float* __restrict__ weights,
@@ -428,7 +446,7 @@ __global__ void reroute_kernel(const T* __restrict__ logits, RouteParams p,
   const int lane = threadIdx.x & 31;
   const int E = static_cast<int>(p.num_experts), k = static_cast<int>(p.top_k);
   const TokenSmem m = token_smem(E, p.num_groups, k, true);
-  float* score = reinterpret_cast<float*>(smem_raw + m.score);
+  float* xv = reinterpret_cast<float*>(smem_raw + m.score);
   float* sel = reinterpret_cast<float*>(smem_raw + m.sel);
   float* gscore = reinterpret_cast<float*>(smem_raw + m.gscore);
   int32_t* cnt = reinterpret_cast<int32_t*>(smem_raw + m.cnt);
@@ -450,8 +468,8 @@ __global__ void reroute_kernel(const T* __restrict__ logits, RouteParams p,
     const int32_t a = order[i];
     const int64_t t = a / k;
     if (t != cached) {
-      warp_score_row(logits + t * p.logits_row_stride, E, p.scoring, score);
-      warp_selection_row(score, p, sel, gscore, gtaken);
+      const float mx = warp_load_row(logits + t * p.logits_row_stride, E, xv);
+      warp_selection_row(xv, mx, p, sel, gscore, gtaken);
       cached = t;
     }
     const int32_t* tid = ids + t * k;
@@ -474,7 +492,8 @@ __global__ void reroute_kernel(const T* __restrict__ logits, RouteParams p,
     if (lane == 0 && bi >= 0) {
       ids[a] = bi;
       slots[a] = cnt[bi]++;
-      weights[a] = score[bi] / denom[t] * p.routed_scaling_factor;
+      weights[a] = unnormalised_d(xv[bi], row_max[t], p.scoring) / norm[t] *
+                   p.routed_scaling_factor;
     }
     __syncwarp();
   }
@@ -541,7 +560,7 @@ inline cudaError_t launch_stable_ranks(const I* ids, int64_t n, int E, int chunk
 
 // Where route keeps its intermediate arrays inside one caller-provided workspace (byte offsets).
 struct RouteWorkspace {
-  size_t denom = 0, rank = 0, hist = 0, total = 0, off = 0, grouped = 0, aidx = 0, order = 0,
+  size_t row_max = 0, norm = 0, rank = 0, hist = 0, total = 0, off = 0, grouped = 0, aidx = 0, order = 0,
          flags = 0, num_sel = 0, keys_in = 0, keys_out = 0, temp = 0;
   size_t temp_bytes = 0, bytes = 0;
   int chunk = 0, nchunks = 0;
@@ -563,7 +582,8 @@ inline cudaError_t route_workspace(const RouteParams& p, RouteWorkspace* w) {
     o = align_up(o + bytes, 256);
     return at;
   };
-  r.denom = take(4 * T);
+  r.row_max = take(4 * T);
+  r.norm = take(4 * T);
   r.rank = take(4 * n);
   r.hist = take(4 * E * static_cast<int64_t>(r.nchunks));
   r.total = take(4 * E);
@@ -613,7 +633,8 @@ cudaError_t route(const T* logits, const RouteParams& p, float* weights, int32_t
   DISAGG_CUDA_TRY(route_workspace(p, &w));
   if (workspace_bytes < w.bytes || !aligned16(workspace)) return cudaErrorInvalidValue;
   unsigned char* ws = static_cast<unsigned char*>(workspace);
-  float* denom = reinterpret_cast<float*>(ws + w.denom);
+  float* row_max = reinterpret_cast<float*>(ws + w.row_max);
+  float* norm = reinterpret_cast<float*>(ws + w.norm);
   int32_t* rank = reinterpret_cast<int32_t*>(ws + w.rank);
   int32_t* hist = reinterpret_cast<int32_t*>(ws + w.hist);
   int32_t* total = reinterpret_cast<int32_t*>(ws + w.total);
@@ -625,7 +646,7 @@ cudaError_t route(const T* logits, const RouteParams& p, float* weights, int32_t
   int wpb = 1;
   DISAGG_CUDA_TRY(warps_for_smem(route_topk_kernel<T>, m.bytes, 8, &wpb));
   route_topk_kernel<T><<<grid_for(Tn, wpb), wpb * kWarp, m.bytes * wpb, stream>>>(
-      logits, p, weights, ids, denom);
+      logits, p, weights, ids, row_max, norm);
   DISAGG_CUDA_TRY(cudaGetLastError());
 
   // 2-3. stable ranks per expert; counts are final here unless probs/reroute change them
@@ -676,7 +697,7 @@ cudaError_t route(const T* logits, const RouteParams& p, float* weights, int32_t
   const TokenSmem mr = token_smem(E, p.num_groups, k, true);
   int one = 1;
   DISAGG_CUDA_TRY(warps_for_smem(reroute_kernel<T>, mr.bytes, 1, &one));
-  reroute_kernel<T><<<1, kWarp, mr.bytes, stream>>>(logits, p, denom, order, num_order,
+  reroute_kernel<T><<<1, kWarp, mr.bytes, stream>>>(logits, p, row_max, norm, order, num_order,
                                                      sorted_keys, n, ids, weights, slots, counts);
   return cudaGetLastError();
 }
