@@ -128,6 +128,8 @@ __device__ float row_sum_exact(const float* x, int64_t V, Smem& s) {
   __syncthreads();
   if (threadIdx.x < 8) {
     float acc = 0.0f;
+    // the adds are a dependent chain (the CPU's order); unrolling lets the loads run ahead
+#pragma unroll 8
     for (int64_t v = threadIdx.x; v < V8; v += 8) acc = __fadd_rn(acc, x[v]);
     s.f[threadIdx.x] = acc;
   }
