@@ -2,6 +2,7 @@
 # The one device check: build disagg against this machine's own python3/torch with the CUDA
 # kernels, run tests/gpu, run every GPU benchmark family that exists, print a short table and
 # write everything under $OUT (4 files: summary.json, gpu_check.log, pytest-gpu.xml, bench.jsonl).
+# Benchmarks: every family of disagg.bench (routing, kv, tree) with --device cuda --check.
 # Meant to finish in about 8 minutes on one H100/H200; each stage has its own time limit so a
 # hang in one still leaves the others' results.
 #
@@ -54,7 +55,7 @@ cd - >/dev/null
 
 # ---- tests -----------------------------------------------------------------------------------
 say "pytest tests/gpu"
-timeout 240 "$PY" -m pytest tests/gpu -q -ra -p no:cacheprovider --rootdir=. \
+timeout 300 "$PY" -m pytest tests/gpu -q -ra -p no:cacheprovider --rootdir=. \
   --junitxml="$OUT/pytest-gpu.xml" >>"$LOG" 2>&1
 test_rc=$?
 say "pytest rc=$test_rc"

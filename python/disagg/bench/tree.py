@@ -74,6 +74,7 @@ def make_inputs(B, N, V, dtype, accept, seed):
 def baseline_greedy(logits, tokens, parents, paths):
     """Argmax at every node, then match every root-to-leaf path (Medusa/EAGLE)."""
     B = logits.shape[0]
+    ar = torch.arange(B, device=logits.device)
     pred = logits.argmax(-1)  # [B, N]: every node's row is read
     L, D = paths.shape[1:]
     idx = paths.clamp_min(0).long().view(B, -1)
@@ -83,7 +84,7 @@ def baseline_greedy(logits, tokens, parents, paths):
     acc = torch.cumprod(match.int(), -1).sum(-1)  # [B, L] accepted draft tokens per path
     best = acc.argmax(-1)
     alen = acc.gather(1, best.view(B, 1))
-    path = paths[torch.arange(B), best].long()
+    path = paths[ar, best].long()
     last = path.gather(1, alen)
     return path, alen.squeeze(1) + 1, pred.gather(1, last).squeeze(1)
 
@@ -94,23 +95,25 @@ def baseline_sample(logits, tokens, parents, paths, sib_before, temperature):
     residual at the last accepted node."""
     B, N, V = logits.shape
     probs = torch.softmax(logits.float() / temperature, -1)  # every node's row
-    bidx = torch.arange(B).view(B, 1)
+    dev = logits.device
+    ar = torch.arange(B, device=dev)
+    bidx = ar.view(B, 1)
     par = parents.clamp_min(0)
     p_tok = probs[bidx, par, tokens]  # [B, N] p_parent(token of node)
     p_tok[:, 0] = 0
     earlier = torch.bmm(sib_before, p_tok.unsqueeze(-1)).squeeze(-1)  # mass of earlier siblings
-    ok = torch.rand(B, N) * (1 - earlier).clamp_min(1e-12) < p_tok
+    ok = torch.rand(B, N, device=dev) * (1 - earlier).clamp_min(1e-12) < p_tok
     win = ok & ~torch.bmm(sib_before, ok.float().unsqueeze(-1)).squeeze(-1).bool()
     L, D = paths.shape[1:]
     w = win.gather(1, paths.clamp_min(0).long().view(B, -1)).view(B, L, D) & (paths >= 0)
     acc = torch.cumprod(w[:, :, 1:].int(), -1).sum(-1)
     best = acc.argmax(-1)
     alen = acc.gather(1, best.view(B, 1))
-    path = paths[torch.arange(B), best].long()
+    path = paths[ar, best].long()
     last = path.gather(1, alen).squeeze(1)
-    res = probs[torch.arange(B), last]
+    res = probs[ar, last]
     kid = (parents == last.view(B, 1)).float()  # all of the last node's children were rejected
-    res = res * (torch.zeros(B, V).scatter_add_(1, tokens, kid) == 0)
+    res = res * (torch.zeros(B, V, device=dev).scatter_add_(1, tokens, kid) == 0)
     return path, alen.squeeze(1) + 1, torch.multinomial(res, 1).squeeze(1)
 
 
@@ -119,7 +122,8 @@ def baseline_build(parents):
     iterated to the tree depth), depth as the row count, then bit packing."""
     B, N = parents.shape
     W = (N + 31) // 32
-    eye = torch.eye(N, dtype=torch.bool).expand(B, N, N)
+    dev = parents.device
+    eye = torch.eye(N, dtype=torch.bool, device=dev).expand(B, N, N)
     idx = parents.long().clamp_min(0).unsqueeze(-1).expand(B, N, N)
     mask = eye.clone()
     while True:
@@ -128,38 +132,39 @@ def baseline_build(parents):
             break
         mask = nxt
     depth = mask.sum(-1) - 1
-    bits = torch.zeros(B, N, W * 32, dtype=torch.int64)
+    bits = torch.zeros(B, N, W * 32, dtype=torch.int64, device=dev)
     bits[..., :N] = mask.long()
-    packed = (bits.view(B, N, W, 32) << torch.arange(32)).sum(-1)
+    packed = (bits.view(B, N, W, 32) << torch.arange(32, device=dev)).sum(-1)
     return depth, packed
 
 
 def run(args) -> list:
     dev = args.device
-    if dev.type != "cpu":
-        raise SystemExit("bench tree: only the CPU ops exist so far")
     if args.threads > 0:
         torch.set_num_threads(args.threads)  # the ops' OpenMP loops follow the same setting
     dtype = getattr(torch, args.dtype)
     B, N, V = args.batch, args.nodes, args.vocab
-    parents, num, tokens, logits = make_inputs(B, N, V, dtype, args.accept, args.seed)
+    # inputs are drawn on the CPU (reproducible across devices), then moved
+    parents, num, tokens, logits = (t.to(dev) for t in make_inputs(B, N, V, dtype, args.accept,
+                                                                   args.seed))
     built = ops.tree_build(parents, num)
     paths = built.leaf_paths[:, : int(built.num_leaves.max())]
     paths = paths[:, :, : int(built.depth.max()) + 1].contiguous()
+    arN = torch.arange(N, device=dev)
     sib_before = ((parents.unsqueeze(1) == parents.unsqueeze(2))
-                  & (torch.arange(N).view(1, 1, N) < torch.arange(N).view(1, N, 1))
-                  & (torch.arange(N).view(1, 1, N) > 0)).float()
-    temp = torch.ones(B)
-    seed = torch.arange(B, dtype=torch.int64)
-    offset = torch.zeros(B, dtype=torch.int64)
+                  & (arN.view(1, 1, N) < arN.view(1, N, 1))
+                  & (arN.view(1, 1, N) > 0)).float()
+    temp = torch.ones(B, device=dev)
+    seed = torch.arange(B, dtype=torch.int64, device=dev)
+    offset = torch.zeros(B, dtype=torch.int64, device=dev)
     shape = {"B": B, "N": N, "V": V}
     flat = logits.view(B * N, V)
     elem = logits.element_size()
 
     def visited_read(accepted):
         """Seconds to gather-copy the rows of the visited nodes once, and their count."""
-        idx = (torch.arange(B).view(B, 1) * N + accepted.long())[accepted >= 0]
-        buf = torch.empty(idx.numel(), V, dtype=dtype)
+        idx = (torch.arange(B, device=dev).view(B, 1) * N + accepted.long())[accepted >= 0]
+        buf = torch.empty(idx.numel(), V, dtype=dtype, device=dev)
         t = median_time(lambda: torch.index_select(flat, 0, idx, out=buf), dev, args.min_run_time)
         return t, idx.numel()
 
@@ -167,8 +172,8 @@ def run(args) -> list:
 
     greedy = ops.tree_verify_greedy(logits, tokens, parents, num)
     if args.check:
-        want = reference.tree_verify_greedy(logits, tokens, parents, num)
-        assert all(torch.equal(a, b) for a, b in zip(greedy, want)), "tree_verify_greedy != reference"
+        want = reference.tree_verify_greedy(*(t.cpu() for t in (logits, tokens, parents, num)))
+        assert all(torch.equal(a.cpu(), b) for a, b in zip(greedy, want)), "tree_verify_greedy != reference"
         _, blen, bbonus = baseline_greedy(logits, tokens, parents, paths)
         assert torch.equal(blen, greedy.accept_len.long()) and torch.equal(bbonus, greedy.bonus.long()), \
             "the baseline disagrees with the op"
@@ -184,8 +189,11 @@ def run(args) -> list:
         kw = dict(temperature=temp, top_k=tk, top_p=tp, seed=seed, offset=offset)
         out = ops.tree_verify_sample(logits, tokens, parents, num, **kw)
         if args.check:
-            want = reference.tree_verify_sample(logits, tokens, parents, num, **kw)
-            assert all(torch.equal(a, b) for a, b in zip(out, want)), "tree_verify_sample != reference"
+            cpu_kw = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in kw.items()}
+            # on a GPU the CPU op (tested against the reference) keeps the check within seconds
+            check = reference.tree_verify_sample if dev.type == "cpu" else ops.tree_verify_sample
+            want = check(*(t.cpu() for t in (logits, tokens, parents, num)), **cpu_kw)
+            assert all(torch.equal(a.cpu(), b) for a, b in zip(out, want)), "tree_verify_sample != reference"
         t_op = median_time(lambda: ops.tree_verify_sample(logits, tokens, parents, num, **kw), dev,
                            args.min_run_time)
         if tk == 0 and tp == 1.0:
@@ -210,9 +218,9 @@ def run(args) -> list:
                         visited_rows=nvis, visited_read_s=t_read, over_read=t_op / t_read))
 
     if args.check:
-        want = reference.tree_build(parents[:4], num[:4])
+        want = reference.tree_build(parents[:4].cpu(), num[:4].cpu())
         got = ops.tree_build(parents[:4], num[:4])
-        assert all(torch.equal(a, b) for a, b in zip(got, want)), "tree_build != reference"
+        assert all(torch.equal(a.cpu(), b) for a, b in zip(got, want)), "tree_build != reference"
     t_op = median_time(lambda: ops.tree_build(parents, num), dev, args.min_run_time)
     t_base = median_time(lambda: baseline_build(parents), dev, args.min_run_time)
     rows.append(row(op="tree_build", device=dev, shape={"B": B, "N": N}, dtype=torch.int32,
