@@ -8,6 +8,7 @@ Prints measured figures for what the library does today:
   1. MoE routing and load balance: capacity factors, drop/reroute policies, and aux-loss-free
      bias balancing on skewed router logits, all routed by ``torch.ops.disagg.route``.
   2. Expert-parallel dispatch/combine (``EPDispatcher``) checked against the dense MoE layer.
+  3. Speculative decoding on the packaged model: plain vs n-gram vs draft-model drafting.
 """
 from __future__ import annotations
 
@@ -169,6 +170,32 @@ def demo_expert_parallel(T: int, E: int, k: int, H: int) -> None:
     print("  (multi-rank EP over torch.distributed: see tests/test_ep_dispatch.py)")
 
 
+def demo_speculative(tokens: int) -> None:
+    """Plain decoding vs n-gram and draft-model speculation on the packaged model (greedy)."""
+    from disagg import LLM, SamplingParams, SpeculativeDecoder
+
+    prompt = ("import os\nimport sys\n\n\ndef main(argv):\n    parser = argparse.ArgumentParser()\n"
+              "    parser.add_argument('--verbose')\n    args = parser.parse_args(argv)\n")
+    print(f"\n== Speculative decoding: {tokens} greedy tokens, batch 1, packaged model ==")
+    llm = LLM("default")
+    params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
+    llm.generate([prompt], params)  # warm-up
+    t0 = time.perf_counter()
+    plain = llm.generate([prompt], params)[0].outputs[0].token_ids
+    t_plain = time.perf_counter() - t0
+    print(f"  {'method':<22} {'tok/s':>8} {'speedup':>8} {'accept len':>11} {'same tokens':>12}")
+    print(f"  {'plain':<22} {len(plain) / t_plain:>8.1f} {1.0:>7.2f}x {'-':>11} {'-':>12}")
+    for method, tree in (("ngram", "chain:4"), ("draft", "static:2,2")):
+        dec = SpeculativeDecoder(method=method, tree=tree)
+        dec.speculative_decode(prompt, target_tokens=8, ignore_eos=True)  # warm-up
+        t0 = time.perf_counter()
+        out = dec.speculative_decode(prompt, target_tokens=tokens, ignore_eos=True)
+        dt = time.perf_counter() - t0
+        m = dec.metrics()
+        print(f"  {method + ' ' + tree:<22} {len(out) / dt:>8.1f} {t_plain / dt * len(out) / len(plain):>7.2f}x "
+              f"{m.get('acceptance_length', float('nan')):>11.2f} {str(out == plain):>12}")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--tokens", type=int, default=4096)
@@ -187,6 +214,9 @@ def main(argv=None) -> None:
                      args.slo_ttft_ms, args.slo_tpot_ms, args.plot)
     demo_routing(args.tokens, args.experts, args.top_k)
     demo_expert_parallel(256, 8, 2, 128)
+    demo_speculative(48)
+    print("\nParallel layouts (TP/PP/EP/DP/CP over torchrun, token-identical to one process): "
+          "python bench/bench_parallel.py (see docs/parallel.md)")
 
 
 if __name__ == "__main__":

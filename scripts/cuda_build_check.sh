@@ -20,6 +20,13 @@ if [ ! -f .venv-cuda/.disagg-deps-v1 ]; then
 fi
 command -v nvcc >/dev/null || { echo "[cuda-build] nvcc not found on PATH" >&2; exit 2; }
 start=$(date +%s)
+# Every KV and tree launcher for every dtype, without torch (minutes of nvcc: not in the CPU
+# suite, which compiles the headers and the routing launchers).
+echo "[cuda-build] instantiating the KV and tree kernels (no torch)"
+tmp=$(mktemp -d)
+nvcc -std=c++17 -Iinclude -arch=sm_90a -c tests/cuda/instantiate_kv.cu tests/cuda/instantiate_tree.cu \
+  -odir "$tmp"
+rm -rf "$tmp"
 # A build directory of its own: the CPU build (scripts/setup.sh) keeps build/<wheel tag>.
 DISAGG_CUDA=ON CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
   .venv-cuda/bin/pip install -q --no-build-isolation --no-deps \

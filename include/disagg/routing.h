@@ -428,6 +428,16 @@ Status moe_combine_cpu(const T* y, int64_t rows, int64_t hidden, const int32_t* 
       constexpr int64_t kTile = 1024;
       for (int64_t h0 = 0; h0 < hidden; h0 += kTile) {
         const int64_t n = std::min(kTile, hidden - h0);
+        // The k rows sit at scattered places: ask for the next token's rows of this tile now,
+        // so their cache misses overlap this token's arithmetic.
+        if (t + 1 < num_tokens) {
+          for (int64_t j = 0; j < top_k; ++j) {
+            const int32_t r = dest[(t + 1) * top_k + j];
+            if (r < 0) continue;
+            const char* p = reinterpret_cast<const char*>(y + static_cast<int64_t>(r) * hidden + h0);
+            for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(p + b);
+          }
+        }
         bool first = true;
         for (int64_t j = 0; j < top_k; ++j) {
           const int32_t r = dest[t * top_k + j];

@@ -15,10 +15,10 @@ ROUTE_SHAPES = [  # (T, E, k, capacity_factor)
     (16384, 256, 8, 1.0),
     (2048, 1024, 6, 1.25),
 ]
-PERMUTE_SHAPES = [  # (T, k, H)
-    (1024, 2, 4096),
-    (2048, 8, 1024),
-    (512, 8, 7168),
+PERMUTE_SHAPES = [  # (T, k, H): expert rows of 64-117 MB, past a 32 MB L3, so the copy they
+    (4096, 2, 4096),  # are compared with measures memory bandwidth, not a cache
+    (4096, 8, 1024),
+    (1024, 8, 7168),
 ]
 
 
