@@ -115,8 +115,9 @@ class DecoderLayer:
         self.kv_size = self.nkv * self.hd
         self.scale = self.hd ** -0.5
 
-    def __call__(self, h: torch.Tensor, cos, sin, meta: AttentionMetadata,
-                 cache: torch.Tensor) -> torch.Tensor:
+    def project_qkv(self, h: torch.Tensor, cos, sin):
+        """Input norm, fused QKV projection, optional q/k norms and RoPE: ``(q, k, v)`` with
+        ``[N, heads, head_dim]`` shapes (this layer's heads: all, or a TP rank's share)."""
         w, eps = self.w, self.cfg.rms_norm_eps
         x = rms_norm(h, w["input_norm"], eps)
         qkv = F.linear(x, w["qkv"], w.get("qkv_bias"))
@@ -131,7 +132,13 @@ class DecoderLayer:
             qk = qkv[:, :qs + ks].view(N, self.nh + self.nkv, self.hd)
         # q and k heads rotate together: one RoPE call per layer instead of two.
         qk = apply_rope(qk, cos, sin)
-        q, k = qk[:, :self.nh], qk[:, self.nh:]
+        return qk[:, :self.nh], qk[:, self.nh:], v
+
+    def __call__(self, h: torch.Tensor, cos, sin, meta: AttentionMetadata,
+                 cache: torch.Tensor) -> torch.Tensor:
+        w, eps = self.w, self.cfg.rms_norm_eps
+        q, k, v = self.project_qkv(h, cos, sin)
+        N = q.shape[0]
         a = paged_attention(q, k, v, cache, meta, self.scale)
         h = h + F.linear(a.reshape(N, self.q_size), w["o"], w.get("o_bias"))
         return h + self.mlp(rms_norm(h, w["post_norm"], eps))

@@ -14,8 +14,7 @@ from .. import ops
 from ..model.attention import AttentionMetadata, _gather, paged_attention, write_kv
 from ..model.config import ModelConfig
 from ..model.loader import WeightStore
-from ..model.model import _DTYPES, CausalLM, DenseMLP, MoE, _act, rms_norm
-from ..model.rope import apply_rope
+from ..model.model import _DTYPES, CausalLM, DecoderLayer, DenseMLP, MoE, _act, rms_norm
 from ..moe.dispatcher import EPDispatcher, expert_range
 from .comm import Comm, CountingTransport
 from .layout import ParallelLayout, RankGroups, head_range, kv_head_range, vocab_range
@@ -97,19 +96,9 @@ class ParallelLayer:
 
     def __call__(self, h, cos, sin, meta, cache, rows) -> torch.Tensor:
         w, eps = self.w, self.cfg.rms_norm_eps
-        x = rms_norm(h, w["input_norm"], eps)
-        qkv = F.linear(x, w["qkv"], w.get("qkv_bias"))
-        N = qkv.shape[0]
-        qs, ks = self.q_size, self.kv_size
-        v = qkv[:, qs + ks:].reshape(N, self.nkv, self.hd)
-        if "q_norm" in w:
-            q = rms_norm(qkv[:, :qs].reshape(N, self.nh, self.hd), w["q_norm"], eps)
-            k = rms_norm(qkv[:, qs:qs + ks].reshape(N, self.nkv, self.hd), w["k_norm"], eps)
-            qk = torch.cat((q, k), 1)
-        else:
-            qk = qkv[:, :qs + ks].view(N, self.nh + self.nkv, self.hd)
-        qk = apply_rope(qk, cos, sin)
-        q, k = qk[:, :self.nh], qk[:, self.nh:]
+        # the same projection as one process, over this rank's heads
+        q, k, v = DecoderLayer.project_qkv(self, h, cos, sin)
+        N = q.shape[0]
         if rows is None:
             # An empty micro-batch has no sequences to attend for.
             a = paged_attention(q, k, v, cache, meta, self.scale) if N else q
