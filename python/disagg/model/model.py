@@ -105,6 +105,16 @@ class MoE:
         return out
 
 
+def moe_weight_names(cfg: ModelConfig, ws: WeightStore, i: int):
+    """Checkpoint prefix of layer ``i``'s MoE block and its (gate, up, down) expert names."""
+    p = f"model.layers.{i}."
+    if cfg.family == "mixtral":
+        # Original Mixtral names (w1 = gate, w3 = up, w2 = down) or the fused layout.
+        m = p + "block_sparse_moe." if ws.has(p + "block_sparse_moe.gate.weight") else p + "mlp."
+        return m, ("w1", "w3", "w2")
+    return p + "mlp.", ("gate_proj", "up_proj", "down_proj")
+
+
 class DecoderLayer:
     def __init__(self, cfg: ModelConfig, w: dict, mlp):
         self.cfg = cfg
@@ -223,13 +233,7 @@ class CausalLM:
                                        ws.require(p + "mlp.up_proj.weight")]),
                             ws.require(p + "mlp.down_proj.weight"), act)
         E = cfg.num_experts
-        if cfg.family == "mixtral":
-            # Original Mixtral names (w1 = gate, w3 = up, w2 = down) or the fused layout.
-            m = p + "block_sparse_moe." if ws.has(p + "block_sparse_moe.gate.weight") else p + "mlp."
-            names = ("w1", "w3", "w2")
-        else:
-            m = p + "mlp."
-            names = ("gate_proj", "up_proj", "down_proj")
+        m, names = moe_weight_names(cfg, ws, i)
         gate = ws.require(m + "gate.weight")
         if ws.has(m + "experts.gate_up_proj"):
             gate_up = ws.get(m + "experts.gate_up_proj")

@@ -14,7 +14,8 @@ from .. import ops
 from ..model.attention import AttentionMetadata, _gather, paged_attention, write_kv
 from ..model.config import ModelConfig
 from ..model.loader import WeightStore
-from ..model.model import _DTYPES, CausalLM, DecoderLayer, DenseMLP, MoE, _act, rms_norm
+from ..model.model import (_DTYPES, CausalLM, DecoderLayer, DenseMLP, MoE, _act,
+                           moe_weight_names, rms_norm)
 from ..moe.dispatcher import EPDispatcher, expert_range
 from .comm import Comm, CountingTransport
 from .layout import ParallelLayout, RankGroups, head_range, kv_head_range, vocab_range
@@ -278,12 +279,7 @@ class ParallelCausalLM(CausalLM):
             return (self._dense(ws, p + "mlp.", ("gate_proj", "up_proj", "down_proj"),
                                 cfg.intermediate_size, act, True), tp > 1)
         E = cfg.num_experts
-        if cfg.family == "mixtral":
-            m = p + "block_sparse_moe." if ws.has(p + "block_sparse_moe.gate.weight") else p + "mlp."
-            names = ("w1", "w3", "w2")
-        else:
-            m = p + "mlp."
-            names = ("gate_proj", "up_proj", "down_proj")
+        m, names = moe_weight_names(cfg, ws, i)
         inter = cfg.moe_intermediate_size or cfg.intermediate_size
         ep_over_tp = lay.ep > 1 and lay.ep_over_tp
         split_experts = tp > 1 and not ep_over_tp  # TP inside every expert
