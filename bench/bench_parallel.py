@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import socket
 import sys
 import tempfile
@@ -20,6 +19,8 @@ import time
 
 import torch
 import torch.multiprocessing as mp
+
+from disagg.bench.common import cpu_name
 
 LAYOUTS = {
     "single": {},
@@ -157,12 +158,7 @@ def main(argv=None) -> int:
     prompts = [{"prompt_token_ids": torch.randint(2, min(cfg.vocab_size, 30000),
                                                   (args.input_len,), generator=g).tolist()}
                for _ in range(args.prompts)]
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     print(f"model {os.path.basename(path.rstrip('/'))}: {cfg.family}, {cfg.num_hidden_layers} "
           f"layers, hidden {cfg.hidden_size}, {cfg.num_experts} experts top-{cfg.num_experts_per_tok}"
           f"; {args.prompts} prompts x {args.input_len} in x {args.max_tokens} out, fp32; "

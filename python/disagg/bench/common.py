@@ -12,19 +12,22 @@ import torch
 import torch.utils.benchmark as tbench
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    proc = platform.processor() or platform.machine()
+def cpu_name() -> str:
+    """The CPU model as /proc/cpuinfo names it (the platform's processor string elsewhere)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
-                    proc = line.split(":", 1)[1].strip()
-                    break
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return f"{proc} ({torch.get_num_threads()} threads)"
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_name()} ({torch.get_num_threads()} threads)"
 
 
 def median_time(fn: Callable[[], object], device: torch.device, min_run_time: float = 0.3) -> float:
