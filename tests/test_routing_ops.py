@@ -1,5 +1,4 @@
 """Routing ops (route, moe_layout, moe_permute, moe_combine) against their references."""
-import itertools
 import math
 
 import pytest
@@ -9,33 +8,10 @@ import disagg
 from disagg import ops
 from disagg import reference as ref
 
-FLOATS = [torch.float32, torch.bfloat16, torch.float16]
+from routing_cases import FLOATS, assert_route_equal, route_cases
 
 
-def assert_route_equal(out, exp):
-    torch.testing.assert_close(out.ids, exp.ids, rtol=0, atol=0)
-    torch.testing.assert_close(out.slots, exp.slots, rtol=0, atol=0)
-    torch.testing.assert_close(out.counts, exp.counts, rtol=0, atol=0)
-    torch.testing.assert_close(out.weights, exp.weights, rtol=1e-5, atol=1e-6)
-
-
-def _cases():
-    """A sample of the (T, E, k, dtype) cross product that still covers every value."""
-    Ts = [1, 7, 128, 8192]
-    Es = [1, 3, 8, 60, 64, 256, 1024]
-    ks = [1, 2, 6, 8]
-    cases = []
-    for i, (E, k) in enumerate(itertools.product(Es, ks)):
-        if k > E:
-            continue
-        T = Ts[i % len(Ts)]
-        if T * E > 8192 * 256:  # keep the reference's Python loops quick
-            T = 512
-        cases.append((T, E, k, FLOATS[i % 3]))
-    return cases
-
-
-@pytest.mark.parametrize("T,E,k,dtype", _cases())
+@pytest.mark.parametrize("T,E,k,dtype", route_cases())
 @pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
 def test_route_dropless_matches_reference(T, E, k, dtype, scoring):
     g = torch.Generator().manual_seed(T * 1000 + E * 10 + k)

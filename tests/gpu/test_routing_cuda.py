@@ -3,29 +3,17 @@
 ids, slots, counts, layouts and permutes must equal the CPU op exactly; weights and combines
 agree to float rounding (the softmax sum runs in a different order on the GPU).
 """
-import itertools
-
 import pytest
 import torch
 
 import disagg  # noqa: F401
 from disagg import ops
 from disagg import reference as ref
+from routing_cases import FLOATS, assert_route_equal, route_cases
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-FLOATS = [torch.float32, torch.bfloat16, torch.float16]
 DEV = "cuda"
-
-
-def assert_route_equal(out, exp):
-    out = [t.cpu() for t in out]
-    exp = [t.cpu() for t in exp]
-    for name, a, b in zip(("weights", "ids", "slots", "counts"), out, exp):
-        if name == "weights":
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
-        else:
-            assert torch.equal(a, b), f"{name} differ:\n{a}\n{b}"
 
 
 def poison_cache(nbytes=64 << 20):
@@ -42,22 +30,7 @@ def route_both(logits, k, **kw):
     return ops.route(x.to(DEV), k, **cuda_kw), ops.route(x, k, **cpu_kw), x, cpu_kw
 
 
-def _cases():
-    Ts = [1, 7, 128, 8192]
-    Es = [1, 3, 8, 60, 64, 256, 1024]
-    ks = [1, 2, 6, 8]
-    cases = []
-    for i, (E, k) in enumerate(itertools.product(Es, ks)):
-        if k > E:
-            continue
-        T = Ts[i % len(Ts)]
-        if T * E > 8192 * 256:
-            T = 512
-        cases.append((T, E, k, FLOATS[i % 3]))
-    return cases
-
-
-@pytest.mark.parametrize("T,E,k,dtype", _cases())
+@pytest.mark.parametrize("T,E,k,dtype", route_cases())
 @pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
 def test_route_dropless_matches_cpu(T, E, k, dtype, scoring):
     g = torch.Generator().manual_seed(T * 1000 + E * 10 + k)
@@ -109,7 +82,7 @@ def test_route_options_match_cpu(options):
         assert_route_equal(out, ref.route(x, 6, **ckw))
 
 
-def test_exact_cases():
+def test_exactroute_cases():
     logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]] * 4, device=DEV)
     out = ops.route(logits, 1, capacity_factor=1.0, overflow="drop")
     assert out.ids.view(-1).tolist() == [0, -1, -1, -1]
