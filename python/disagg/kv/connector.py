@@ -157,13 +157,23 @@ class TorchKVConnector(KVConnector):
         return buf
 
 
-def make_connector(kind: str, group=None, timeout_s: float = 30.0) -> KVConnector:
-    """The connector named ``kind`` (``"torch"``; ``"nixl"`` is not available yet)."""
+def make_connector(kind: str, group=None, timeout_s: float = 30.0, store=None,
+                   rank: Optional[int] = None, **nixl_options) -> KVConnector:
+    """The connector named ``kind``.
+
+    ``"torch"`` needs ``group`` (a ``torch.distributed`` group of the worker ranks); ``"nixl"``
+    needs ``store`` (a ``torch.distributed`` store shared by those ranks, for the agents'
+    metadata and the per-transfer state) and this process's ``rank``; ``nixl_options`` go to
+    :class:`disagg.kv.nixl.NixlKVConnector`.
+    """
     if kind == "torch":
         if group is None:
             raise ValueError("the torch KV connector needs a torch.distributed group")
         return TorchKVConnector(group, timeout_s)
     if kind == "nixl":
-        raise NotImplementedError("the nixl KV transport is not implemented in this version; "
-                                  "use --kv-transport torch")
-    raise ValueError(f"unknown KV transport {kind!r} (choose torch)")
+        if store is None or rank is None:
+            raise ValueError("the nixl KV connector needs a torch.distributed store and the rank")
+        from .nixl import NixlKVConnector
+
+        return NixlKVConnector(store, rank, timeout_s, **nixl_options)
+    raise ValueError(f"unknown KV transport {kind!r} (choose torch or nixl)")
