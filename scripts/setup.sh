@@ -10,11 +10,13 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 . .venv/bin/activate
-stamp=.venv/.disagg-deps-v2
+stamp=.venv/.disagg-deps-v3
 if [ ! -f "$stamp" ]; then
   echo "[setup] installing torch 2.13.0 (CPU) and dependencies"
   pip install -q "torch==2.13.0" numpy scikit-build-core cmake ninja pytest expecttest \
       "transformers>=4.45" safetensors tokenizers aiohttp openai matplotlib jinja2
+  # NIXL (UCX inside the wheel) for the nixl KV transport; CPU-only hosts included
+  pip install -q "torch==2.13.0" nixl-cu13
   touch "$stamp"
 fi
 echo "[setup] building disagg"

@@ -3,8 +3,10 @@
 
 Protocol for one transfer (key ``"{src}>{dst}#{tag}"``)
 ------------------------------------------------------
-1. Start-up: every rank registers a receive arena and publishes its agent metadata (NIXL's own
-   byte format, never pickle) in the ``torch.distributed`` store; peers load it on first use.
+1. Start-up: every rank publishes its agent metadata (NIXL's own byte format, never pickle) in
+   the ``torch.distributed`` store; peers load it on first use. A rank's receive arena is
+   registered on its first receive and grows by segments, each published as partial metadata
+   under a version number.
 2. The receiver takes a slot of ``nbytes`` from its arena, marks the transfer ``posted`` in the
    store (``compare_set``) and sends the sender a NIXL notification holding the slot's
    descriptor as JSON (address, length, device, arena version).
@@ -52,6 +54,9 @@ _ALIGN = 256
 
 def _import_nixl():
     """The NIXL python API: ``nixl`` (meta package) or a CUDA-variant wheel (``nixl_cu13``...)."""
+    import os
+
+    os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")  # NIXL logs every agent start at INFO
     errors = []
     for mod in ("nixl._api", "nixl_cu13", "nixl_cu12"):
         try:
@@ -89,22 +94,21 @@ class _Arena:
         self.max_bytes = max_bytes
         self.on_grow = on_grow  # callback(partial metadata bytes) -> published version
         self.cond = threading.Condition()
-        self.segments: list = []
+        self.segments: list = []  # none until the first receive: senders never allocate
         self.version = 0  # metadata version that covers every segment
         self.in_use = 0  # bytes in live slots
         self.quarantined = 0  # bytes never reused: a write into them may still be in flight
-        self._add_segment(segment_bytes, publish=False)
 
     @property
     def total(self) -> int:
         return sum(s.tensor.numel() for s in self.segments)
 
-    def _add_segment(self, nbytes: int, publish: bool = True) -> None:
+    def _add_segment(self, nbytes: int) -> None:
         t = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
         reg = self.agent.register_memory(t)
         self.segments.append(_Segment(t, reg))
-        if publish:
-            self.version = self.on_grow(self.agent.get_partial_agent_metadata(reg, False))
+        # senders load this partial metadata (the new region's remote key) before writing
+        self.version = self.on_grow(self.agent.get_partial_agent_metadata(reg, False))
 
     def alloc(self, nbytes: int, deadline: float):
         """(segment index, offset, size) of a free slot; waits for one until ``deadline``."""
@@ -203,7 +207,8 @@ class NixlKVConnector(KVConnector):
     device : str
         Where the receive arena lives (``"cpu"``, or ``"cuda"`` for VRAM on GPU hosts).
     arena_mb, max_arena_mb : int
-        First arena segment and the most the arena may grow to (MiB).
+        Size of an arena segment (a larger transfer gets a segment of its own size) and the
+        most the arena may grow to (MiB).
     namespace : str
         Store key prefix; ranks of one server share it.
     """

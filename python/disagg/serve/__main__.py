@@ -95,8 +95,11 @@ def main(argv=None) -> int:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     roles = _roles(args, world)
     if args.kv_transport == "nixl" and args.mode == "disaggregated":
-        raise SystemExit("disagg.serve: the nixl KV transport is not implemented in this "
-                         "version; use --kv-transport torch")
+        from ..kv.nixl import nixl_available
+
+        if not nixl_available():
+            raise SystemExit("disagg.serve: --kv-transport nixl needs NIXL "
+                             "(pip install nixl-cu13); or use --kv-transport torch")
 
     import datetime
 
@@ -159,7 +162,11 @@ def _run_worker(args, rank, role, host, port, kv_group) -> int:
                     enable_chunked_prefill=True)
     connector = None
     if args.mode == "disaggregated":
-        connector = make_connector(args.kv_transport, kv_group, args.kv_timeout)
+        import torch.distributed as dist
+
+        # nixl: agent metadata and per-transfer state go through the job's store
+        connector = make_connector(args.kv_transport, kv_group, args.kv_timeout,
+                                   store=dist.distributed_c10d._get_default_store(), rank=rank)
     sock = socket.create_connection((host, port), timeout=args.startup_timeout)
     sock.settimeout(None)
     conn = LineConn(sock)
