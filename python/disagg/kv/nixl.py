@@ -92,7 +92,7 @@ class _Arena:
         self.device = device
         self.segment_bytes = segment_bytes
         self.max_bytes = max_bytes
-        self.on_grow = on_grow  # callback(partial metadata bytes) -> published version
+        self.on_grow = on_grow  # callback(version, partial metadata bytes): publish it
         self.cond = threading.Condition()
         self.segments: list = []  # none until the first receive: senders never allocate
         self.version = 0  # metadata version that covers every segment
@@ -108,7 +108,8 @@ class _Arena:
         reg = self.agent.register_memory(t)
         self.segments.append(_Segment(t, reg))
         # senders load this partial metadata (the new region's remote key) before writing
-        self.version = self.on_grow(self.agent.get_partial_agent_metadata(reg, False))
+        self.on_grow(self.version + 1, self.agent.get_partial_agent_metadata(reg, False))
+        self.version += 1
 
     def alloc(self, nbytes: int, deadline: float):
         """(segment index, offset, size) of a free slot; waits for one until ``deadline``."""
@@ -273,10 +274,8 @@ class NixlKVConnector(KVConnector):
 
     # ---- metadata --------------------------------------------------------------------------------
 
-    def _publish_segment(self, partial_md: bytes) -> int:
-        v = self.arena.version + 1
-        self.store.set(f"md/{self.rank}/{v}", partial_md)
-        return v
+    def _publish_segment(self, version: int, partial_md: bytes) -> None:
+        self.store.set(f"md/{self.rank}/{version}", partial_md)
 
     def _store_get(self, key: str, deadline: float) -> bytes:
         # poll: a blocking store.wait would hold the store client's lock for every other thread
