@@ -157,13 +157,31 @@ def _scenario(rank, world, outdir):
     r = _wait(short, 1)[0]
     res["c"] = (r.ok, r.error)
     dist.barrier()
+    # (d) the receiver times out while the sender is writing: it waits for the write's
+    # outcome instead of cancelling, and gets the bytes
+    race = make_connector("nixl", store=store, rank=rank, timeout_s=10 if rank == 0 else SHORT,
+                          arena_mb=1, namespace="disagg-kv-nixl-race")
+    data = _payload(3)
+    if rank == 0:
+        write = race._write
+        race._write = lambda *a: (time.sleep(SHORT + 1.0), write(*a))[1]  # claimed, then slow
+        race.send("slow", data, 1, 4)
+    else:
+        t0 = time.monotonic()
+        race.recv("slow", data.numel(), 0, 4)
+    r = _wait(race, 1)[0]
+    res["d"] = (r.ok, r.error, r.ok and r.kind == "recv" and torch.equal(r.buffer, data),
+                time.monotonic() - t0 if rank == 1 else 0.0)
+    del r
+    dist.barrier()
     gc.collect()
     time.sleep(0.2)
+    res["race_state"] = race.debug_state()
     res["short_state"] = short.debug_state()
     res["short_keys_left"] = [t for t in (1, 2, 3)
                               if short.store.check([f"st/{short._key(0, 1, t)}"])]
     dist.barrier()
-    for c in (tconn, nconn, short):
+    for c in (tconn, nconn, short, race):
         c.close()
     with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
         json.dump(res, f)
@@ -197,7 +215,7 @@ def test_concurrent_transfers_out_of_order(runs):
         assert r["cc_keys_left"] == []
 
 
-def test_timeouts_and_bad_sizes_leave_nothing_held(runs):
+def test_timeouts_races_and_bad_sizes_leave_nothing_held(runs):
     snd, rcv = runs
     ok, secs, err = rcv["a_recv"]
     assert not ok and "timed out" in err and SHORT * 0.8 < secs < SHORT * 6
@@ -211,7 +229,12 @@ def test_timeouts_and_bad_sizes_leave_nothing_held(runs):
     assert not ok and "expects 1000 bytes" in err and "999" in err
     ok, err = rcv["c"]
     assert not ok and "failed" in err
+    ok, err, _, _ = snd["d"]
+    assert ok, err
+    ok, err, exact, secs = rcv["d"]
+    assert ok and exact and secs > SHORT, (err, secs)  # past its own timeout, and no loss
     for r in runs:
+        assert r["race_state"]["arena_in_use"] == 0 and r["race_state"]["send_registrations"] == 0
         st = r["short_state"]
         assert st["arena_in_use"] == 0 and st["send_registrations"] == 0, st
         assert st["waiters"] == 0 and st["xfers"] == 0, st
