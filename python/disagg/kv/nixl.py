@@ -317,7 +317,7 @@ class NixlKVConnector(KVConnector):
                     self._wake.wait(0.5)
                 if self._stopped:
                     return
-                xfers = list(self._xfers.items())
+                xfers = bool(self._xfers)
             busy = False
             try:
                 notifs = self.agent.get_new_notifs()
@@ -328,17 +328,20 @@ class NixlKVConnector(KVConnector):
                 for m in msgs:
                     busy = True
                     self._deliver(m)
-            for xid, (handle, w) in xfers:
-                try:
-                    st = self.agent.check_xfer_state(handle)
-                except Exception as e:
-                    st = f"ERR ({e})"
-                if st != "PROC":
-                    busy = True
-                    with self._lock:
-                        self._xfers.pop(xid, None)
-                    w.value = st
-                    w.event.set()
+            if xfers:
+                # under the lock: a sender that gave up removes its handle (under the lock)
+                # before releasing it, so a released handle is never polled
+                with self._lock:
+                    for xid, (handle, w) in list(self._xfers.items()):
+                        try:
+                            st = self.agent.check_xfer_state(handle)
+                        except Exception as e:
+                            st = f"ERR ({e})"
+                        if st != "PROC":
+                            busy = True
+                            del self._xfers[xid]
+                            w.value = st
+                            w.event.set()
             idle = 0 if busy else idle + 1
             # spin briefly after activity, then back off to at most 2 ms between polls
             time.sleep(self.poll_s if idle < 200 else 0.002)
@@ -392,11 +395,10 @@ class NixlKVConnector(KVConnector):
             xid = next(self._xfer_ids)
             self._xfers[xid] = (handle, w)
             self._wake.notify_all()
-        if not w.event.wait(max(0.0, deadline - time.monotonic())):
-            with self._lock:
-                self._xfers.pop(xid, None)
+        w.event.wait(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            self._xfers.pop(xid, None)
             return w.value or "TIMEOUT"
-        return w.value
 
     # ---- the two sides ----------------------------------------------------------------------------
 
