@@ -241,6 +241,7 @@ class NixlKVConnector(KVConnector):
         self._xfer_ids = itertools.count()
         self._wake = threading.Condition(self._lock)
         self._send_regs = 0  # send buffers registered right now
+        self._stuck: list = []  # writes that could not be aborted (buffer, registration, handle)
         self._stopped = False
         self.arena = _Arena(self.agent, torch.device(device), arena_mb << 20, max_arena_mb << 20,
                             self._publish_segment)
@@ -440,6 +441,9 @@ class NixlKVConnector(KVConnector):
                     raise TimeoutError(f"KV receive {key}: the sender's write never finished")
             self.store.delete_key(state)
             if msg["kind"] != "done":
+                if msg.get("in_flight"):  # a write that could not be aborted may still land
+                    self.arena.quarantine(size)
+                    size = 0
                 raise RuntimeError(f"the sender's write for {key} failed: {msg.get('error')}")
             out = self.arena.view(seg_i, off, nbytes, size)
             handed_out = True
@@ -468,22 +472,26 @@ class NixlKVConnector(KVConnector):
             if got == b"cancelled":
                 self.store.delete_key(state)  # the receiver's tombstone
             raise TimeoutError(f"KV send {key}: the receiver gave up ({got.decode(errors='replace')})")
+        info: dict = {}
         try:
             if int(post["nbytes"]) != buffer.numel():
                 raise ValueError(f"KV send {key}: the receiver expects {post['nbytes']} bytes, "
                                  f"the buffer has {buffer.numel()}")
             self._peer(peer, deadline, int(post["version"]))
-            self._write(buffer, peer_name, key, post, deadline)
+            self._write(buffer, peer_name, key, post, deadline, info)
         except BaseException as e:
             # tell the receiver at once instead of letting it wait out the write
             try:
                 self.store.compare_set(state, "writing", "failed")
-                self._notify(peer_name, "failed", key, error=f"{type(e).__name__}: {e}")
+                self._notify(peer_name, "failed", key, error=f"{type(e).__name__}: {e}",
+                             in_flight=bool(info.get("in_flight")))
             except Exception as e2:
                 log.warning("nixl: could not report the failed write %s: %s", key, e2)
             raise
 
-    def _write(self, buffer, peer_name, key, post, deadline) -> None:
+    def _write(self, buffer, peer_name, key, post, deadline, info: dict) -> None:
+        """WRITE ``buffer`` into the posted slot; ``info["in_flight"]`` is set when a failed
+        write could not be aborted (its registration is then kept, as UCX may still read it)."""
         reg = self.agent.register_memory(buffer)
         with self._lock:
             self._send_regs += 1
@@ -504,7 +512,12 @@ class NixlKVConnector(KVConnector):
                 try:
                     self.agent.release_xfer_handle(handle)  # aborts a write still in flight
                 except Exception as e:
-                    log.error("nixl: releasing the write handle of %s failed: %s", key, e)
-            self.agent.deregister_memory(reg)
-            with self._lock:
-                self._send_regs -= 1
+                    info["in_flight"] = True
+                    log.error("nixl: the write of %s could not be aborted (%s); its buffer "
+                              "stays registered", key, e)
+            if info.get("in_flight"):
+                self._stuck.append((buffer, reg, handle))  # keep the memory alive: never freed
+            else:
+                self.agent.deregister_memory(reg)
+                with self._lock:
+                    self._send_regs -= 1
