@@ -1,13 +1,15 @@
 """The server with ``--kv-transport nixl``: the official openai client gets the same greedy
-tokens as with the torch transport and as the offline engine, streaming included, and a
-finished run leaves no KV blocks in either pool."""
+tokens as with the torch transport and as the offline engine, streaming included; clients that
+disconnect mid-stream and a finished run leave no KV blocks in either pool."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -60,7 +62,8 @@ class _Server:
             if line.startswith("disagg_kv_blocks_used{"):
                 out[line.split('pool="')[1].split('"')[0]] = float(line.rsplit(" ", 1)[1])
             elif line.startswith(("disagg_kv_transfer_bytes_total ",
-                                  "disagg_kv_transfer_failures_total ")):
+                                  "disagg_kv_transfer_failures_total ",
+                                  "disagg_requests_aborted_total ")):
                 out[line.split()[0]] = float(line.split()[1])
         return out
 
@@ -74,7 +77,24 @@ class _Server:
                 self.proc.wait(timeout=10)
 
 
-def _run(model, transport):
+def _stream_and_drop(url, prompt, after_events):
+    """Open a stream, read ``after_events`` events, then close the socket (a disconnect)."""
+    host, port = url.split("//")[1].split(":")
+    body = json.dumps({"prompt": prompt, "max_tokens": 200, "stream": True, "temperature": 0,
+                       "ignore_eos": True}).encode()
+    with socket.create_connection((host, int(port)), timeout=30) as sk:
+        sk.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                   b"Content-Type: application/json\r\n"
+                   + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        seen = b""
+        while seen.count(b"data: ") < after_events:
+            d = sk.recv(4096)
+            if not d:
+                break
+            seen += d
+
+
+def _run(model, transport, disconnects=False):
     s = _Server(model, transport)
     try:
         c = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=60)
@@ -90,8 +110,19 @@ def _run(model, transport):
                                            temperature=0, stream=True,
                                            extra_body={"ignore_eos": True}))
         streamed = "".join(ch.choices[0].text for ch in chunks)
-        time.sleep(0.6)  # the workers' next stats report
-        return ids, full, streamed, s.metrics()
+        if disconnects:  # clients that leave mid-stream: their blocks return in both pools
+            ts = [threading.Thread(target=_stream_and_drop,
+                                   args=(s.url, PROMPTS[i % 3] * 3, 1 + i % 3)) for i in range(6)]
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join(timeout=60)
+        deadline = time.time() + 30
+        while True:
+            time.sleep(0.6)  # the workers' next stats report
+            m = s.metrics()
+            if (m["prefill"], m["decode"]) == (0.0, 0.0) or time.time() > deadline:
+                return ids, full, streamed, m
     finally:
         s.stop()
 
@@ -110,7 +141,7 @@ def test_nixl_transport_equals_torch_transport_and_offline(model):
 
     offline = [o.outputs[0].token_ids for o in LLM(model).generate(
         PROMPTS, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True))]
-    n_ids, n_full, n_stream, n_m = _run(model, "nixl")
+    n_ids, n_full, n_stream, n_m = _run(model, "nixl", disconnects=True)
     t_ids, t_full, _, _ = _run(model, "torch")
     assert n_ids == offline
     assert n_ids == t_ids and n_full == t_full
@@ -118,3 +149,4 @@ def test_nixl_transport_equals_torch_transport_and_offline(model):
     assert n_m["disagg_kv_transfer_bytes_total"] > 0
     assert n_m["disagg_kv_transfer_failures_total"] == 0
     assert n_m["prefill"] == 0.0 and n_m["decode"] == 0.0
+    assert n_m["disagg_requests_aborted_total"] >= 1  # the disconnects did reach the server
