@@ -109,10 +109,10 @@ def _scenario(rank, world, outdir):
         for i in order[N_CONCURRENT // 3 * 2:]:
             nconn.recv(f"x{i}", _payload(i).numel(), 0, 1000 + i)
         got = _wait(nconn, N_CONCURRENT)
-        res["cc_recv"] = {"ok": sorted(r.key for r in got if r.ok),
-                          "exact": sorted(r.key for r in got
-                                          if r.ok and torch.equal(r.buffer, _payload(int(r.key[1:])))),
-                          "finish_order": [r.key for r in got], "post_order": [f"x{i}" for i in order],
+        exact = [r.key for r in got if r.ok and torch.equal(r.buffer, _payload(int(r.key[1:])))]
+        res["cc_recv"] = {"ok": sorted(r.key for r in got if r.ok), "exact": sorted(exact),
+                          "finish_order": [r.key for r in got],
+                          "post_order": [f"x{i}" for i in order],
                           "errors": [r.error for r in got if not r.ok]}
         res["arena_grew"] = nconn.arena.total > (1 << 20)
     del got

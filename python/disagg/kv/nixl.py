@@ -273,7 +273,7 @@ class NixlKVConnector(KVConnector):
             except Exception:
                 pass
 
-    # ---- metadata --------------------------------------------------------------------------------
+    # ---- metadata -------------------------------------------------------------------------------
 
     def _publish_segment(self, version: int, partial_md: bytes) -> None:
         self.store.set(f"md/{self.rank}/{version}", partial_md)
@@ -304,7 +304,7 @@ class NixlKVConnector(KVConnector):
         self._peers[rank] = (name, max(have, version))
         return name
 
-    # ---- notifications and write completion: one progress thread ---------------------------------
+    # ---- notifications and write completion: one progress thread --------------------------------
 
     def _notify(self, peer_name: str, kind: str, key: str, **payload) -> None:
         msg = _MAGIC + json.dumps(dict(payload, kind=kind, key=key)).encode()
@@ -401,7 +401,7 @@ class NixlKVConnector(KVConnector):
             self._xfers.pop(xid, None)
             return w.value or "TIMEOUT"
 
-    # ---- the two sides ----------------------------------------------------------------------------
+    # ---- the two sides --------------------------------------------------------------------------
 
     @staticmethod
     def _key(src: int, dst: int, tag: int) -> str:
@@ -471,7 +471,8 @@ class NixlKVConnector(KVConnector):
         if got != b"writing":
             if got == b"cancelled":
                 self.store.delete_key(state)  # the receiver's tombstone
-            raise TimeoutError(f"KV send {key}: the receiver gave up ({got.decode(errors='replace')})")
+            why = got.decode(errors="replace")
+            raise TimeoutError(f"KV send {key}: the receiver gave up ({why})")
         info: dict = {}
         try:
             if int(post["nbytes"]) != buffer.numel():
