@@ -148,8 +148,13 @@ def test_tp2_to_tp2_and_killed_unit_member(model, offline):
                "--pool-timeout", "20")
     try:
         assert _greedy_ids(s, PROMPTS) == offline
-        assert _wait_no_blocks(s) == {"prefill": 0.0, "decode": 0.0}
         c = _client(s)
+        # sampled requests: the unit's ranks get one seed from rank 0 and stay in step
+        for _ in range(2):
+            r = c.completions.create(model="mixtral", prompt=PROMPTS[1], max_tokens=8,
+                                     temperature=1.0, extra_body={"ignore_eos": True})
+            assert r.usage.completion_tokens == 8
+        assert _wait_no_blocks(s) == {"prefill": 0.0, "decode": 0.0}
         stream = c.completions.create(model="mixtral", prompt="abc", max_tokens=400,
                                       temperature=0, stream=True, extra_body={"ignore_eos": True})
         next(iter(stream))

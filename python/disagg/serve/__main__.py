@@ -214,7 +214,8 @@ def _run_worker(args, rank, unit, host, port, kv_group, unit_group=None, rank_gr
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 tells workers when to stop
     role = unit.role
-    bs = args.decode_block_size if (role == "decode" and args.decode_block_size) else args.block_size
+    bs = (args.decode_block_size if (role == "decode" and args.decode_block_size)
+          else args.block_size)
     engine = _make_engine(args, unit, rank_groups, bs)
     connector = None
     if args.mode == "disaggregated":

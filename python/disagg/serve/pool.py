@@ -46,7 +46,6 @@ from typing import Optional
 
 import torch
 
-from ..engine import SamplingParams
 from ..kv import OutOfBlocksError
 from ..parallel.layout import ParallelLayout, RankGroups, kv_head_range
 from .worker import params_from_json
