@@ -350,9 +350,8 @@ class PoolWorker:
                 kv = msg["kv"]
                 self.handoff[rid] = {"tag": int(kv["tag"]), "dst": list(kv["decode_ranks"]),
                                      "want": params.max_tokens, "sends": 0, "parts_sent": 0,
-                                     "nbytes": 0, "ok": True, "error": None, "t_start": None,
-                                     "t_end": None, "t_compute": None, "seconds": 0.0,
-                                     "token_sent": False}
+                                     "nbytes": 0, "ok": True, "error": None, "spans": [],
+                                     "t_compute": None, "seconds": 0.0, "token_sent": False}
                 params.max_tokens = 1
             try:
                 self.engine.add_request({"prompt_token_ids": msg["prompt_token_ids"]}, params,
@@ -399,9 +398,6 @@ class PoolWorker:
                 continue
             first = kv_head_range(self.num_kv_heads, self.prefill_tp, s).start
             buf = self.engine.kv.pack(rid, layers=(l0, l1), heads=(h0 - first, h1 - first))
-            now = time.perf_counter()
-            if h["t_start"] is None:
-                h["t_start"] = now
             h["sends"] += 1
             h["nbytes"] += buf.numel()
             self.connector.send(f"{rid}|{p}|{d}", buf, h["dst"][d],
@@ -469,10 +465,14 @@ class PoolWorker:
         self.handoff.pop(rid)
         if h["parts_sent"] == 0:
             return
-        tc = h["t_compute"] or h["t_end"] or time.perf_counter()
-        t0, t1 = h["t_start"], h["t_end"] or tc
-        hidden = max(0.0, min(t1, tc) - t0) if t0 is not None else 0.0
-        exposed = max(0.0, t1 - tc)
+        # each part is in flight from when it is handed to the connector (right after its
+        # layers are computed and packed) to when its send completes; the part of that which
+        # falls before the prompt's step ends is hidden behind compute, what runs past it is
+        # exposed (the decode side may wait on it)
+        spans = h["spans"]
+        tc = h["t_compute"] or (max(e for _, e in spans) if spans else time.perf_counter())
+        hidden = sum(max(0.0, min(e, tc) - a) for a, e in spans)
+        exposed = max([0.0] + [e - tc for _, e in spans])
         self.send0({"op": "kv_sent", "rid": rid, "ok": h["ok"], "error": h["error"],
                     "nbytes": h["nbytes"], "seconds": h["seconds"], "hidden_s": hidden,
                     "exposed_s": exposed, "parts": len(self.parts)})
@@ -659,7 +659,7 @@ class PoolWorker:
                 h["sends"] -= 1
                 h["seconds"] += res.seconds
                 if not res.meta.get("token"):
-                    h["t_end"] = max(h["t_end"] or 0.0, res.meta["t_end"])
+                    h["spans"].append((res.meta["t_queued"], res.meta["t_end"]))
                 if not res.ok:
                     h["ok"], h["error"] = False, h["error"] or res.error
                 self._maybe_done(rid)
