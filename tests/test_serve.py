@@ -28,10 +28,10 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, model, *extra, prefill=1, decode=1, mode="disaggregated"):
+    def __init__(self, model, *extra, prefill=1, decode=1, mode="disaggregated", env=None):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = dict(os.environ, OMP_NUM_THREADS="1")
+        env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
         env.pop("RANK", None)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "disagg.serve", "--model", model, "--prefill", str(prefill),

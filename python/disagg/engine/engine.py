@@ -171,8 +171,10 @@ class Engine:
         """Start decoding a request whose prompt was computed elsewhere (disaggregated decode).
 
         ``kv_buffer`` is a ``kv_pack`` buffer holding the prompt's K/V (from a cache of any
-        block size); ``first_token`` is the token the prefill worker sampled. The request joins
-        the running batch directly with its prompt counted as computed.
+        block size), or None when the caller has already written the prompt's K/V into
+        ``self.kv`` under ``request_id`` (e.g. layer by layer as parts arrived);
+        ``first_token`` is the token the prefill worker sampled. The request joins the running
+        batch directly with its prompt counted as computed.
 
         Raises
         ------
@@ -186,6 +188,16 @@ class Engine:
         params = params if params is not None else SamplingParams()
         params.validate()
         ids, _ = self._prompt_ids(list(prompt_token_ids))
+        if kv_buffer is None:
+            rid = str(request_id) if request_id is not None else None
+            if rid is None or not self.kv.has(rid) or self.kv.num_tokens(rid) != len(ids):
+                raise ValueError("add_request_from_kv without a buffer needs the prompt's K/V "
+                                 "already in the cache under request_id")
+            if rid in self.requests:
+                raise ValueError(f"request id {rid!r} is already in use")
+            if not 0 <= int(first_token) < self.model.config.vocab_size:
+                raise ValueError(f"first_token {first_token} out of range")
+            return self._start_from_kv(rid, ids, int(first_token), params, callback)
         info = kv_buffer_info(kv_buffer)
         if info.num_tokens != len(ids) or info.num_layers != self.model.config.num_hidden_layers:
             raise ValueError(f"KV buffer holds {info.num_tokens} tokens x {info.num_layers} "
@@ -202,6 +214,9 @@ class Engine:
             raise OutOfBlocksError(self.kv.blocks_needed(len(ids) + 1), self.kv.num_free_blocks,
                                    f"add_request_from_kv({rid!r})")
         self.kv.unpack(rid, kv_buffer)
+        return self._start_from_kv(rid, ids, int(first_token), params, callback)
+
+    def _start_from_kv(self, rid, ids, first_token, params, callback) -> str:
         req = Request(rid, None, ids, params, self.eos_token_ids, callback)
         req.num_computed = len(ids)
         req.status = Status.RUNNING

@@ -5,11 +5,15 @@ The control plane (who sends what to whom, and how many bytes) travels separatel
 through the server's rank 0; a connector only moves the bytes. Transfers run on one background
 thread per worker so that the engine keeps stepping while bytes are in flight; every wait has a
 timeout, and a failed or timed-out transfer is reported for that request alone.
+
+Fault injection (tests): ``DISAGG_KV_FAIL_SENDS=N`` in a sender's environment makes its first
+``N`` sends fail without sending anything, as a broken link would.
 """
 from __future__ import annotations
 
 import datetime
 import logging
+import os
 import queue
 import threading
 import time
@@ -55,6 +59,11 @@ class KVConnector:
         self._jobs: queue.Queue = queue.Queue()
         self._done: queue.Queue = queue.Queue()
         self._closed = False
+        self._fail_sends = int(os.environ.get("DISAGG_KV_FAIL_SENDS", "0") or 0)
+        self._fail_lock = threading.Lock()
+        #: optional callable run (on the transfer's thread) after each result is queued, e.g.
+        #: to wake a worker loop waiting for work
+        self.on_done = None
         self._thread = threading.Thread(target=self._run, name=f"kv-{self.name}", daemon=True)
         self._thread.start()
 
@@ -102,6 +111,12 @@ class KVConnector:
         t0 = time.perf_counter()
         try:
             if kind == "send":
+                if self._fail_sends:
+                    with self._fail_lock:
+                        inject = self._fail_sends > 0
+                        self._fail_sends -= inject
+                    if inject:
+                        raise ConnectionError("injected send failure (DISAGG_KV_FAIL_SENDS)")
                 self._send(arg, peer, tag, self.timeout_s)
                 res = TransferResult(key, kind, True, arg.numel(), time.perf_counter() - t0,
                                      meta=meta)
@@ -115,7 +130,11 @@ class KVConnector:
             res = TransferResult(key, kind, False, n, time.perf_counter() - t0,
                                  error=f"KV {kind} failed: {type(e).__name__}: {e}", meta=meta)
         res.meta.setdefault("queued_s", t0 - queued)
+        res.meta["t_queued"], res.meta["t_end"] = queued, time.perf_counter()
         self._done.put(res)
+        cb = self.on_done
+        if cb is not None:
+            cb()
 
     def _send(self, buffer: torch.Tensor, peer: int, tag: int, timeout: float) -> None:
         raise NotImplementedError

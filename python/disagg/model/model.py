@@ -158,7 +158,14 @@ class CausalLM:
     """A loaded model. ``forward`` runs one step over a flat batch of new tokens.
 
     Use :meth:`from_pretrained` to load an HF folder.
+
+    ``after_layer`` (optional, default None): a callable ``f(layer_index)`` that ``forward``
+    calls after each decoder layer has run (that layer's K/V for the whole step are then in
+    the cache), so a disaggregated prefill worker can ship finished layers while later ones
+    are still being computed.
     """
+
+    after_layer = None
 
     def __init__(self, cfg: ModelConfig, embed, layers, norm, lm_head, dtype: torch.dtype):
         self.config = cfg
@@ -273,8 +280,11 @@ class CausalLM:
         """
         h = self.embed[input_ids]
         cos, sin = self.rope.cos_sin(positions, self.dtype)
-        for layer, cache in zip(self.layers, kv_caches):
+        hook = self.after_layer
+        for i, (layer, cache) in enumerate(zip(self.layers, kv_caches)):
             h = layer(h, cos, sin, meta, cache)
+            if hook is not None:
+                hook(i)
         if logits_rows is not None:
             h = h[logits_rows]
         h = rms_norm(h, self.norm, self.config.rms_norm_eps)

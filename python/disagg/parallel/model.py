@@ -396,8 +396,13 @@ class ParallelCausalLM(CausalLM):
                 h = self.comm.recv(torch.empty(b - a, H, dtype=self.dtype), self.prev_rank,
                                    "pp.act")
             cos, sin = self.rope.cos_sin(positions[a:b], self.dtype)
-            for layer, cache in zip(self.layers, kv_caches):
+            # after_layer (CausalLM's hook) sees local layer indices, once the step's last
+            # micro-batch has written them
+            hook = self.after_layer if (a, b) == parts[-1][:2] else None
+            for i, (layer, cache) in enumerate(zip(self.layers, kv_caches)):
                 h = layer(h, cos, sin, m, cache, rows)
+                if hook is not None:
+                    hook(i)
             if self.last:
                 outs.append(h)
             else:

@@ -1,8 +1,10 @@
 """``torchrun --nproc-per-node N -m disagg.serve --model M --prefill P --decode D ...``
 
-Rank 0 is the HTTP frontend and router; ranks ``1..P`` are the prefill pool and
-``P+1..P+D`` the decode pool (``N = 1 + P + D``). With ``--mode colocated`` the same ``P + D``
-worker ranks are data-parallel replicas doing both phases with chunked prefill.
+Rank 0 is the HTTP frontend and router; then come the ``P`` prefill units and the ``D``
+decode units, each unit being the ranks of its pool's parallel layout (``--prefill-tp`` x
+``--prefill-ep / --prefill-tp`` ranks, likewise for decode): ``N = 1 + P * size_p + D *
+size_d``, which is ``1 + P + D`` with the default one-rank units. With ``--mode colocated``
+``P + D`` one-rank workers are data-parallel replicas doing both phases with chunked prefill.
 
 Without torchrun (no ``RANK`` in the environment) the command launches its own worker
 processes. Under torchrun a rank that dies makes torchrun stop every rank (its policy); the
@@ -25,8 +27,22 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default", help="model folder or 'default'")
     p.add_argument("--served-model-name", default=None)
-    p.add_argument("--prefill", type=int, default=1, help="prefill worker ranks")
-    p.add_argument("--decode", type=int, default=1, help="decode worker ranks")
+    p.add_argument("--prefill", type=int, default=1, help="prefill units (instances)")
+    p.add_argument("--decode", type=int, default=1, help="decode units (instances)")
+    p.add_argument("--prefill-tp", type=int, default=1, help="TP ranks per prefill unit")
+    p.add_argument("--prefill-ep", type=int, default=1,
+                   help="EP degree of a prefill unit (1, or a multiple of --prefill-tp)")
+    p.add_argument("--decode-tp", type=int, default=1, help="TP ranks per decode unit")
+    p.add_argument("--decode-ep", type=int, default=1,
+                   help="EP degree of a decode unit (1, or a multiple of --decode-tp)")
+    p.add_argument("--pool-timeout", type=float, default=60.0,
+                   help="seconds a collective inside a unit may take before the unit fails")
+    p.add_argument("--kv-layers-per-send", type=int, default=0,
+                   help="send the KV every N layers as the prefill computes them (0: all "
+                        "layers in one part, after the last layer)")
+    p.add_argument("--kv-retries", type=int, default=0,
+                   help="on a failed KV transfer, recompute on the decode instance this many "
+                        "times (0: the request fails)")
     p.add_argument("--mode", choices=("disaggregated", "colocated"), default="disaggregated")
     p.add_argument("--kv-transport", choices=("torch", "nixl"), default="torch")
     p.add_argument("--host", default="127.0.0.1")
@@ -58,20 +74,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _roles(args, world: int) -> dict:
-    if world != 1 + args.prefill + args.decode:
-        raise SystemExit(f"disagg.serve: world size {world} != 1 + prefill ({args.prefill}) + "
-                         f"decode ({args.decode})")
-    if args.prefill < 1 or args.decode < 1:
-        raise SystemExit("disagg.serve: --prefill and --decode must be >= 1")
-    if args.mode == "colocated":
-        return {r: "both" for r in range(1, world)}
-    return {r: ("prefill" if r <= args.prefill else "decode") for r in range(1, world)}
+def _units(args) -> list:
+    from .pool import plan_units
+
+    try:
+        return plan_units(args.mode, args.prefill, args.decode, args.prefill_tp,
+                          args.prefill_ep, args.decode_tp, args.decode_ep)
+    except ValueError as e:
+        raise SystemExit(f"disagg.serve: {e}")
 
 
 def _self_launch(args, argv) -> list:
     """Start ranks 1..N-1 as child processes; this process becomes rank 0."""
-    world = 1 + args.prefill + args.decode
+    from .pool import world_size
+
+    world = world_size(_units(args))
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
                WORLD_SIZE=str(world), RANK="0", LOCAL_RANK="0", LOCAL_WORLD_SIZE=str(world))
     os.environ.update({k: env[k] for k in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK",
@@ -93,7 +110,13 @@ def main(argv=None) -> int:
     if "RANK" not in os.environ:
         children = _self_launch(args, argv)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    roles = _roles(args, world)
+    units = _units(args)
+    from .pool import world_size
+    if world != world_size(units):
+        raise SystemExit(f"disagg.serve: world size {world} != {world_size(units)} (1 + the "
+                         f"ranks of {args.prefill} prefill and {args.decode} decode units)")
+    if args.kv_retries < 0 or args.kv_layers_per_send < 0:
+        raise SystemExit("disagg.serve: --kv-retries and --kv-layers-per-send must be >= 0")
     if args.kv_transport == "nixl" and args.mode == "disaggregated":
         from ..kv.nixl import nixl_available
 
@@ -111,6 +134,8 @@ def main(argv=None) -> int:
                             timeout=datetime.timedelta(seconds=args.startup_timeout))
     # KV bytes get their own group, so they never queue behind other traffic
     kv_group = dist.new_group(list(range(1, world)), backend="gloo")
+    from .pool import build_unit_groups
+    unit_group, rank_groups = build_unit_groups(units, rank, args.pool_timeout)
     host = os.environ.get("MASTER_ADDR", "127.0.0.1")
     port = torch.zeros(1, dtype=torch.int64)
     if rank == 0:
@@ -118,11 +143,12 @@ def main(argv=None) -> int:
         port[0] = ctrl.getsockname()[1]
     dist.broadcast(port, 0)  # the only collective after start-up
     if rank == 0:
-        return _run_frontend(args, roles, ctrl, children)
-    return _run_worker(args, rank, roles[rank], host, int(port[0]), kv_group)
+        return _run_frontend(args, units, ctrl, children)
+    unit = next(u for u in units if rank in u.ranks)
+    return _run_worker(args, rank, unit, host, int(port[0]), kv_group, unit_group, rank_groups)
 
 
-def _run_frontend(args, roles, ctrl, children) -> int:
+def _run_frontend(args, units, ctrl, children) -> int:
     import asyncio
 
     from ..engine.tokenizer import load_tokenizer
@@ -134,7 +160,7 @@ def _run_frontend(args, roles, ctrl, children) -> int:
     name = args.served_model_name or ("default" if args.model == "default"
                                       else os.path.basename(os.path.normpath(path)))
     try:
-        asyncio.run(serve_frontend(args, roles, load_tokenizer(path), name, ctrl))
+        asyncio.run(serve_frontend(args, units, load_tokenizer(path), name, ctrl))
     finally:
         deadline = time.monotonic() + 10
         for p in children:
@@ -148,18 +174,52 @@ def _run_frontend(args, roles, ctrl, children) -> int:
     os._exit(0)
 
 
-def _run_worker(args, rank, role, host, port, kv_group) -> int:
+def _make_engine(args, unit, rank_groups, bs):
+    """This rank's engine: the plain one for a one-rank unit, else its share of the model
+    under the unit's layout (TP/EP collectives over the unit's groups)."""
     from ..engine import Engine
+
+    kw = dict(block_size=bs, num_blocks=args.num_blocks, max_model_len=args.max_model_len,
+              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+              enable_chunked_prefill=True)
+    if unit.size == 1:
+        return Engine(args.model, dtype=args.dtype, **kw)
+    import math
+
+    import torch
+
+    from ..model import resolve_model_path
+    from ..parallel.comm import Comm
+    from ..parallel.model import ParallelCausalLM
+
+    path = resolve_model_path(args.model)
+    comm = Comm(args.pool_timeout)
+    comm.start_watchdog()
+    torch.manual_seed(0x5EED)  # the same draws on every rank of the unit
+    model = ParallelCausalLM.from_pretrained(path, rank_groups.layout, rank_groups, comm,
+                                             args.dtype)
+    if kw["num_blocks"] is None:  # from the whole model: equal on every rank of the unit
+        cfg = model.global_config
+        max_len = min(args.max_model_len or cfg.max_position_embeddings,
+                      cfg.max_position_embeddings)
+        per_block = (2 * bs * cfg.num_key_value_heads * cfg.head_dim * model.dtype.itemsize
+                     * cfg.num_hidden_layers)
+        kw["num_blocks"] = max(1, min(args.max_num_seqs * math.ceil(max_len / bs),
+                                      (1 << 30) // per_block))
+    tok = path if os.path.isfile(os.path.join(path, "tokenizer.json")) else None
+    return Engine(model, tok, **kw)
+
+
+def _run_worker(args, rank, unit, host, port, kv_group, unit_group=None, rank_groups=None) -> int:
     from ..kv.connector import make_connector
+    from .pool import PoolWorker
     from .protocol import LineConn
-    from .worker import Worker
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 tells workers when to stop
-    bs = args.decode_block_size if (role == "decode" and args.decode_block_size) else args.block_size
-    engine = Engine(args.model, dtype=args.dtype, block_size=bs, num_blocks=args.num_blocks,
-                    max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-                    max_num_batched_tokens=args.max_num_batched_tokens,
-                    enable_chunked_prefill=True)
+    role = unit.role
+    bs = (args.decode_block_size if (role == "decode" and args.decode_block_size)
+          else args.block_size)
+    engine = _make_engine(args, unit, rank_groups, bs)
     connector = None
     if args.mode == "disaggregated":
         import torch.distributed as dist
@@ -171,9 +231,9 @@ def _run_worker(args, rank, role, host, port, kv_group) -> int:
     sock.settimeout(None)
     conn = LineConn(sock)
     conn.send({"op": "hello", "rank": rank, "role": role, "max_model_len": engine.max_model_len,
-               "block_size": bs, "num_blocks": engine.kv.num_blocks})
+               "block_size": bs, "num_blocks": engine.kv.num_blocks, "unit": unit.uid})
     try:
-        Worker(rank, role, engine, conn, connector, kv_timeout_s=args.kv_timeout).run()
+        PoolWorker(rank, unit, engine, conn, connector, unit_group, args).run()
     finally:
         conn.close()
     sys.stdout.flush()

@@ -43,11 +43,17 @@ class Metrics:
         self.kv_lat = h("disagg_kv_transfer_seconds", "KV transfer time, sender side.")
         self.kv_gbps = h("disagg_kv_transfer_gb_per_second", "KV transfer rate (GB/s) per request.",
                          (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 25, 50, 100))
+        self.kv_exposed = h("disagg_kv_transfer_exposed_seconds",
+                            "Per request: KV transfer time after the prefill compute ended "
+                            "(the part layer-wise sending did not hide).")
         self.counters = {"disagg_requests_total": 0, "disagg_requests_failed_total": 0,
                          "disagg_requests_aborted_total": 0, "disagg_requests_rejected_total": 0,
                          "disagg_prompt_tokens_total": 0, "disagg_generation_tokens_total": 0,
                          "disagg_kv_transfer_bytes_total": 0, "disagg_kv_transfers_total": 0,
-                         "disagg_kv_transfer_failures_total": 0}
+                         "disagg_kv_transfer_failures_total": 0,
+                         "disagg_kv_transfer_hidden_seconds_total": 0,
+                         "disagg_kv_transfer_exposed_seconds_total": 0,
+                         "disagg_kv_retries_total": 0}
 
     def inc(self, name: str, v: float = 1) -> None:
         self.counters[name] += v
@@ -57,7 +63,7 @@ class Metrics:
         for name, v in self.counters.items():
             lines += [f"# TYPE {name} counter", f"{name} {v}"]
         for hist in (self.ttft, self.tpot, self.itl, self.queue, self.e2e, self.kv_lat,
-                     self.kv_gbps):
+                     self.kv_gbps, self.kv_exposed):
             lines += hist.render()
         seen = set()
         for name, labels, v in gauges:

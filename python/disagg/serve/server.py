@@ -1,13 +1,16 @@
 """Rank 0 of the server: the OpenAI-compatible HTTP frontend (aiohttp) and the request router.
 
 Worker ranks connect to a control socket here and exchange JSON lines (see ``protocol``).
+Workers form units (see ``pool``); an *instance* is one attention replica of a unit, and the
+router picks instances.
 
 Routing policy (least loaded):
-  * disaggregated: the prefill rank with the fewest prompt tokens dispatched to it and not yet
-    prefilled (ties: lower rank); the decode rank with the fewest requests it is decoding or
-    about to receive, ties broken by its KV blocks in use.
+  * disaggregated: the prefill instance with the fewest prompt tokens dispatched to it and not
+    yet prefilled (ties: lower unit); the decode instance with the fewest requests it is
+    decoding or about to receive, ties broken by its KV blocks in use.
   * colocated: the replica with the fewest unfinished requests, ties by pending prompt tokens.
-Both picks are made when the request arrives, so the prefill rank knows where to send the KV.
+Both picks are made when the request arrives: the prefill instance learns where to send the
+KV, and the decode instance reserves blocks and posts its receives at once.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import asyncio
 import itertools
 import json
 import logging
+import random
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -81,9 +85,11 @@ class ServeRequest:
     params: dict
     max_tokens: int
     arrival: float = field(default_factory=time.perf_counter)
-    prefill_rank: int = -1
-    decode_rank: int = -1
+    prefill: Optional[tuple] = None  # instance (unit id, replica)
+    decode: Optional[tuple] = None
     tag: int = 0
+    retries_left: int = 0
+    recomputing: bool = False
     phase: str = "prefill"  # prefill, transfer, decode, done
     token_ids: list = field(default_factory=list)
     text: str = ""
@@ -100,11 +106,15 @@ class ServeRequest:
 
 
 class Frontend:
-    """Rank 0: HTTP, routing, bookkeeping. ``roles`` maps worker rank -> role."""
+    """Rank 0: HTTP, routing, bookkeeping over the worker ``units`` (see ``pool.Unit``)."""
 
-    def __init__(self, args, roles: dict, tokenizer, model_name: str):
+    def __init__(self, args, units: list, tokenizer, model_name: str):
         self.args = args
-        self.roles = roles
+        self.units = {u.uid: u for u in units}
+        self.roles = {r: u.role for u in units for r in u.ranks}
+        self.unit_of = {r: u for u in units for r in u.ranks}
+        self.instances = {(u.uid, d): u for u in units for d in range(u.dp)}
+        self.seed_sampling = any(u.size > 1 for u in units)
         self.tok = tokenizer
         self.model_name = model_name
         self.conns: dict = {}  # rank -> StreamWriter
@@ -112,8 +122,8 @@ class Frontend:
         self.stats: dict = {}
         self.dead: dict = {}  # rank -> reason
         self.reqs: dict = {}
-        self.load_tokens = {r: 0 for r in roles}
-        self.load_reqs = {r: 0 for r in roles}
+        self.load_tokens = {k: 0 for k in self.instances}
+        self.load_reqs = {k: 0 for k in self.instances}
         self.tags = itertools.count(1)
         self.metrics = Metrics()
         self.ready = asyncio.Event()
@@ -168,13 +178,17 @@ class Frontend:
             return False
 
     def mark_dead(self, rank: int, why: str) -> None:
+        """A dead rank fails its whole unit (the others cannot step without it)."""
         if rank in self.dead:
             return
-        log.error("rank %d (%s) is down: %s", rank, self.roles.get(rank), why)
+        u = self.unit_of[rank]
+        log.error("rank %d (%s unit %d) is down: %s", rank, u.role, u.uid, why)
         self.dead[rank] = why
+        for other in u.ranks:
+            self.dead.setdefault(other, f"unit {u.uid} lost rank {rank}: {why}")
         for r in list(self.reqs.values()):
-            if not r.done and rank in (r.prefill_rank, r.decode_rank):
-                self.fail(r, f"worker rank {rank} ({self.roles[rank]}) failed: {why}")
+            if not r.done and u.uid in {k[0] for k in (r.prefill, r.decode) if k}:
+                self.fail(r, f"worker rank {rank} ({u.role} unit {u.uid}) failed: {why}")
 
     def fail(self, r: ServeRequest, why: str) -> None:
         if r.done:
@@ -188,13 +202,12 @@ class Frontend:
         """Finish ``r`` here and tell its ranks to drop it (no-op for ranks already done)."""
         if r.done:
             return
-        if r.phase == "prefill":
-            self.load_tokens[r.prefill_rank] -= len(r.prompt_ids)
+        self._prefill_done(r)
         if r.finish_reason in ("error", "abort"):
-            for rank in {r.prefill_rank, r.decode_rank} - {-1}:
-                self.send(rank, {"op": "abort", "rid": r.rid})
-        for rank in {r.prefill_rank, r.decode_rank} - {-1}:
-            self.load_reqs[rank] -= 1
+            for k in {r.prefill, r.decode} - {None}:
+                self.send_unit(k, {"op": "abort", "rid": r.rid, "dp": k[1]})
+        for k in {r.prefill, r.decode} - {None}:
+            self.load_reqs[k] -= 1
         r.phase = "done"
         self.reqs.pop(r.rid, None)
         r.event.set()
@@ -216,24 +229,32 @@ class Frontend:
         self.metrics.inc("disagg_generation_tokens_total", new)
         r.event.set()
 
+    def send_unit(self, key: tuple, msg: dict) -> bool:
+        """Send to the leader of instance ``key``'s unit (it relays to the members)."""
+        return self.send(self.instances[key].leader, msg)
+
+    def _prefill_done(self, r: ServeRequest) -> None:
+        if r.phase == "prefill":
+            self.load_tokens[r.prefill] -= len(r.prompt_ids)
+            r.phase = "decode"
+
     def on_message(self, rank: int, msg: dict) -> None:
         op = msg["op"]
         if op == "stats":
             self.stats[rank] = msg
             return
         r = self.reqs.get(msg.get("rid"))
-        if op == "prefilled":
-            if r is None or r.done:
-                # the client went away: the decode rank still takes the bytes (the sender is
-                # waiting on them) and drops them
-                self._forward_kv(msg, None)
+        if op == "first":  # the prefill's first token (the decode ranks got it directly)
+            if r is None or r.done or r.recomputing:
                 return
-            self.load_tokens[r.prefill_rank] -= len(r.prompt_ids)
-            r.phase = "transfer"
-            if "queue_s" in msg:
+            self._prefill_done(r)
+            if msg.get("queue_s") is not None:
                 self.metrics.queue.observe(msg["queue_s"])
-            self._tokens(r, [msg["first_token"]], msg.get("text", ""))
-            self._forward_kv(msg, r)
+            self._tokens(r, [msg["token"]], msg.get("text", ""))
+            if msg.get("finished"):
+                r.finish_reason = msg.get("finish_reason")
+                self._finish_metrics(r)
+                self.release(r)
         elif op == "kv_sent":
             self.metrics.inc("disagg_kv_transfers_total")
             if msg["ok"]:
@@ -241,27 +262,26 @@ class Frontend:
                 self.metrics.kv_lat.observe(msg["seconds"])
                 if msg["seconds"] > 0:
                     self.metrics.kv_gbps.observe(msg["nbytes"] / msg["seconds"] / 1e9)
+                self.metrics.inc("disagg_kv_transfer_hidden_seconds_total", msg.get("hidden_s", 0))
+                self.metrics.inc("disagg_kv_transfer_exposed_seconds_total",
+                                 msg.get("exposed_s", 0))
+                self.metrics.kv_exposed.observe(msg.get("exposed_s", 0))
             else:
                 self.metrics.inc("disagg_kv_transfer_failures_total")
                 if r is not None:
-                    self.fail(r, msg.get("error") or "KV transfer failed")
-        elif op == "kv_recv":
-            if not msg["ok"] and r is not None:
-                self.metrics.inc("disagg_kv_transfer_failures_total")
-                self.fail(r, msg.get("error") or "KV receive failed")
-        elif op == "kv_in":
-            if r is not None and not r.done:
-                r.phase = "decode"
+                    self.kv_failed(r, msg.get("error") or "KV transfer failed")
+        elif op == "kv_failed":
+            self.metrics.inc("disagg_kv_transfer_failures_total")
+            if r is not None:
+                self.kv_failed(r, msg.get("error") or "KV receive failed")
         elif op == "out":
             if r is None or r.done:
                 return
-            if r.phase == "prefill" and self.roles[rank] != "decode":
+            if r.phase == "prefill" and self.roles[rank] == "both":
                 if msg.get("queue_s") is not None:
                     self.metrics.queue.observe(msg["queue_s"])
             if msg.get("token_ids"):
-                if r.phase == "prefill":
-                    self.load_tokens[r.prefill_rank] -= len(r.prompt_ids)
-                    r.phase = "decode"
+                self._prefill_done(r)
                 self._tokens(r, msg["token_ids"], msg.get("text", ""))
             if msg.get("finished"):
                 if msg.get("error"):
@@ -271,19 +291,28 @@ class Frontend:
                 self._finish_metrics(r)
                 self.release(r)
 
-    def _forward_kv(self, msg: dict, r: Optional[ServeRequest]) -> None:
-        dst = r.decode_rank if r is not None else msg.get("decode_rank", -1)
-        out = {"op": "recv_kv", "rid": msg["rid"], "src": msg["src"], "tag": msg["tag"],
-               "nbytes": msg["nbytes"], "first_token": msg["first_token"]}
-        if r is None:
-            out["discard"] = True
-            out["prompt_token_ids"] = []
-        else:
-            out["prompt_token_ids"] = r.prompt_ids
-            out["params"] = dict(r.params, max_tokens=r.max_tokens)
-        if dst is None or dst < 0 or not self.send(dst, out):
-            if r is not None:
-                self.fail(r, f"decode rank {dst} unavailable for the KV hand-off")
+    def kv_failed(self, r: ServeRequest, why: str) -> None:
+        """A KV part failed or timed out: recompute on the decode instance (``--kv-retries``)
+        with the tokens streamed so far, or fail the request."""
+        if r.done or r.recomputing:
+            return
+        if r.retries_left <= 0 or r.decode is None:
+            self.fail(r, why)
+            return
+        r.retries_left -= 1
+        r.recomputing = True
+        self.metrics.inc("disagg_kv_retries_total")
+        self._prefill_done(r)
+        if len(r.token_ids) >= r.max_tokens:
+            r.finish_reason = "length"
+            self._finish_metrics(r)
+            self.release(r)
+            return
+        msg = {"op": "recompute", "rid": r.rid, "dp": r.decode[1], "prompt_token_ids":
+               r.prompt_ids, "params": dict(r.params, max_tokens=r.max_tokens),
+               "streamed": list(r.token_ids)}
+        if not self.send_unit(r.decode, msg):
+            self.fail(r, why)
 
     def _finish_metrics(self, r: ServeRequest) -> None:
         now = time.perf_counter()
@@ -295,7 +324,8 @@ class Frontend:
     # ---- routing -----------------------------------------------------------------------------
 
     def _alive(self, role: str) -> list:
-        return [r for r, ro in self.roles.items() if ro == role and r not in self.dead]
+        return [k for k, u in self.instances.items()
+                if u.role == role and not any(x in self.dead for x in u.ranks)]
 
     def route(self, r: ServeRequest) -> None:
         if self.args.mode == "colocated":
@@ -303,7 +333,7 @@ class Frontend:
             if not cands:
                 raise HTTPError(503, "no live worker", "server_error")
             pick = min(cands, key=lambda k: (self.load_reqs[k], self.load_tokens[k], k))
-            r.prefill_rank, r.decode_rank = pick, -1
+            r.prefill, r.decode = pick, None
             self.load_reqs[pick] += 1
             self.load_tokens[pick] += len(r.prompt_ids)
             return
@@ -312,13 +342,13 @@ class Frontend:
             raise HTTPError(503, "no live prefill or decode worker", "server_error")
 
         def used(k):
-            s = self.stats.get(k)
+            s = self.stats.get(self.instances[k].replica(k[1])[0])
             return 0 if s is None else s["num_blocks"] - s["free_blocks"]
-        r.prefill_rank = min(pre, key=lambda k: (self.load_tokens[k], k))
-        r.decode_rank = min(dec, key=lambda k: (self.load_reqs[k], used(k), k))
-        self.load_tokens[r.prefill_rank] += len(r.prompt_ids)
-        self.load_reqs[r.prefill_rank] += 1
-        self.load_reqs[r.decode_rank] += 1
+        r.prefill = min(pre, key=lambda k: (self.load_tokens[k], k))
+        r.decode = min(dec, key=lambda k: (self.load_reqs[k], used(k), k))
+        self.load_tokens[r.prefill] += len(r.prompt_ids)
+        self.load_reqs[r.prefill] += 1
+        self.load_reqs[r.decode] += 1
 
     def num_waiting(self) -> int:
         return sum(1 for r in self.reqs.values() if r.phase == "prefill")
@@ -330,18 +360,33 @@ class Frontend:
             self.metrics.inc("disagg_requests_rejected_total")
             raise HTTPError(429, f"too many waiting requests (limit {self.args.max_waiting})",
                             "rate_limit_error")
+        if self.seed_sampling and params.get("temperature", 1.0) != 0 \
+                and params.get("seed") is None:
+            # the ranks of a unit must draw the same numbers: give them one seed
+            params = dict(params, seed=random.getrandbits(31))
         r = ServeRequest(f"cmpl-{uuid.uuid4().hex[:16]}", prompt_ids, params, max_tokens)
         r.tag = next(self.tags)
+        r.retries_left = int(getattr(self.args, "kv_retries", 0) or 0)
         self.route(r)
         self.reqs[r.rid] = r
         self.metrics.inc("disagg_requests_total")
         self.metrics.inc("disagg_prompt_tokens_total", len(prompt_ids))
         p = dict(params, max_tokens=max_tokens)
-        msg = {"op": "add", "rid": r.rid, "prompt_token_ids": prompt_ids, "params": p}
+        msg = {"op": "add", "rid": r.rid, "prompt_token_ids": prompt_ids, "params": p,
+               "dp": r.prefill[1]}
         if self.args.mode != "colocated":
-            msg.update(decode_rank=r.decode_rank, tag=r.tag)
-        if not self.send(r.prefill_rank, msg):
-            self.fail(r, "prefill rank unavailable")
+            pu, du = self.instances[r.prefill], self.instances[r.decode]
+            msg["kv"] = {"tag": r.tag, "decode_ranks": du.replica(r.decode[1])}
+            # the decode instance reserves blocks and posts its receives now, before the
+            # prefill has run, so parts land as soon as they are sent
+            if not self.send_unit(r.decode, {
+                    "op": "expect", "rid": r.rid, "dp": r.decode[1], "prompt_token_ids":
+                    prompt_ids, "params": p, "tag": r.tag,
+                    "prefill_ranks": pu.replica(r.prefill[1])}):
+                self.fail(r, "decode instance unavailable")
+                return r
+        if not self.send_unit(r.prefill, msg):
+            self.fail(r, "prefill instance unavailable")
         return r
 
     def abort(self, r: ServeRequest) -> None:
@@ -378,7 +423,8 @@ class Frontend:
     async def health(self, request):
         if self.dead:
             return web.json_response({"status": "degraded", "dead_ranks": {
-                str(k): f"{self.roles[k]}: {v}" for k, v in self.dead.items()}}, status=503)
+                str(k): f"{self.roles[k]} unit {self.unit_of[k].uid}: {v}"
+                for k, v in self.dead.items()}}, status=503)
         if not self.ready.is_set():
             return web.json_response({"status": "starting"}, status=503)
         return web.json_response({"status": "ok"})
@@ -573,19 +619,19 @@ class Frontend:
         return app
 
 
-async def serve_frontend(args, roles: dict, tokenizer, model_name: str, ctrl_sock,
+async def serve_frontend(args, units: list, tokenizer, model_name: str, ctrl_sock,
                          stop: asyncio.Event = None) -> None:
     """Run rank 0 until SIGINT/SIGTERM (or ``stop``)."""
     import signal
 
-    fe = Frontend(args, roles, tokenizer, model_name)
+    fe = Frontend(args, units, tokenizer, model_name)
     ctrl = await asyncio.start_server(fe.handle_worker, sock=ctrl_sock, limit=MAX_LINE)
     runner = web.AppRunner(fe.app(), handler_cancellation=True, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, args.host, args.port)
     await site.start()
-    log.info("serving on http://%s:%d (%s, %d workers)", args.host, args.port, args.mode,
-             len(roles))
+    log.info("serving on http://%s:%d (%s, %d units)", args.host, args.port, args.mode,
+             len(units))
     print(f"[disagg.serve] listening on http://{args.host}:{args.port}", flush=True)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -601,8 +647,8 @@ async def serve_frontend(args, roles: dict, tokenizer, model_name: str, ctrl_soc
         log.error("workers did not all connect within %s s", args.startup_timeout)
     await stop.wait()
     fe.shutting_down = True
-    for rank in roles:
-        fe.send(rank, {"op": "shutdown"})
+    for u in units:
+        fe.send(u.leader, {"op": "shutdown"})
     wd.cancel()
     await runner.cleanup()
     ctrl.close()
