@@ -101,11 +101,25 @@ class ParallelEngine:
         lines = [self.layout.report(self.model.global_config), "",
                  f"rank {self.rank} holds {self.model.weight_bytes() / 2**20:.2f} MiB of "
                  f"weights",
+                 *self._pipeline_lines(),
                  f"rank {self.rank} communication ({len(self.step_log)} steps)",
                  "  kind          tag               calls        bytes   seconds"]
         for (kind, tag), (c, b, t) in sorted(self.comm.stats.items()):
             lines.append(f"  {kind:<13} {tag:<16} {c:>6} {b:>12} {t:>9.3f}")
         return "\n".join(lines)
+
+    def _pipeline_lines(self) -> list:
+        if self.layout.pp == 1:
+            return []
+        if self.pipeline is None:
+            return [f"pipeline: {self.model.micro_batches} micro-batches per step "
+                    f"(drained every step)"]
+        p = self.pipeline
+        line = f"pipeline: steps in flight, {p.in_flight} request groups"
+        if p.first:
+            line += (f"; {p.stats['steps']} steps issued, at most {p.stats['max_in_flight']} "
+                     f"in flight, {self.engine.scheduler.num_preemptions} preemptions")
+        return [line]
 
     def _sync_has_work(self, mine: bool) -> bool:
         # Only replicas that share expert all-to-alls must agree on stepping; the ranks of one

@@ -7,9 +7,9 @@ group A's step, stage 0 runs group B's. A group's next step is scheduled once it
 step's tokens are back: the last stage samples only the rows that end a sequence and sends the
 tokens point-to-point to the first stage (no logits leave the last stage).
 
-Messages between stages, in order on each link: a step header (JSON, as bytes: the sequences'
-lengths and block tables, which rows to sample and how), then the step's hidden states
-``[rows, hidden]``. Only the first stage schedules and allocates KV blocks; the other stages
+Messages between stages, in order on each link: the sizes ``[header bytes, rows]``, then one
+buffer with the step header (JSON: the sequences' lengths and block tables, which rows to
+sample and how) followed by the step's hidden states ``[rows, hidden]``. Only the first stage schedules and allocates KV blocks; the other stages
 write their layers' K/V into the same block ids, which the header carries. Every wait goes
 through :class:`~disagg.parallel.comm.Comm` (watchdog and timeout).
 """
@@ -240,21 +240,32 @@ class StepPipeline:
 
     # ---- messages ---------------------------------------------------------------------------
 
-    def _send_header(self, hdr: dict, h: Optional[torch.Tensor]) -> None:
+    def _send_step(self, hdr: dict, h: Optional[torch.Tensor]) -> None:
+        """Two messages: ``[header bytes, rows]`` (int64), then the header's JSON bytes and the
+        hidden states ``[rows, hidden]`` packed in one byte buffer."""
         b = json.dumps(hdr, separators=(",", ":")).encode()
+        b += b" " * (-len(b) % 8)  # the hidden states that follow stay aligned
+        body = torch.frombuffer(bytearray(b), dtype=torch.uint8)
+        rows = 0
+        if h is not None and h.numel():
+            rows = h.shape[0]
+            body = torch.cat((body, h.contiguous().view(-1).view(torch.uint8)))
         nxt = self.model.next_rank
-        self._sends.append((self.comm.isend(torch.tensor([len(b)], dtype=torch.int64), nxt,
-                                            "pp.header"), "pp.header"))
-        self._sends.append((self.comm.isend(torch.frombuffer(bytearray(b), dtype=torch.uint8),
-                                            nxt, "pp.header"), "pp.header"))
-        if h is not None:
-            self._sends.append((self.comm.isend(h, nxt, "pp.act"), "pp.act"))
+        for t, tag in ((torch.tensor([len(b), rows], dtype=torch.int64), "pp.header"),
+                       (body, "pp.act")):
+            self._sends.append((self.comm.isend(t, nxt, tag), tag))
 
-    def _recv_header(self) -> dict:
+    def _recv_step(self):
+        """The previous stage's ``(header, hidden states or None)``."""
         prev = self.model.prev_rank
-        n = int(self.comm.recv(torch.empty(1, dtype=torch.int64), prev, "pp.header")[0])
-        raw = self.comm.recv(torch.empty(n, dtype=torch.uint8), prev, "pp.header")
-        return json.loads(bytes(raw.numpy()).decode())
+        n, rows = self.comm.recv(torch.empty(2, dtype=torch.int64), prev, "pp.header").tolist()
+        H = self.model.global_config.hidden_size
+        dt = self.model.dtype
+        body = self.comm.recv(torch.empty(n + rows * H * dt.itemsize, dtype=torch.uint8), prev,
+                              "pp.act")
+        hdr = json.loads(bytes(body[:n].numpy()).decode())
+        h = body[n:].view(dt).view(rows, H) if rows else None
+        return hdr, h
 
     def _reap_sends(self, block: bool = False) -> None:
         """Drop the sends that completed (oldest first); with ``block``, wait for all of them
@@ -344,7 +355,7 @@ class StepPipeline:
                 if idle > len(groups) + 1:
                     raise RuntimeError("pipeline scheduler made no progress: no request fits "
                                        "the KV cache")
-            self._send_header({"stop": 1, "done": self._done}, None)
+            self._send_step({"stop": 1, "done": self._done}, None)
             self._done = []
             self._reap_sends(block=True)
 
@@ -387,7 +398,7 @@ class StepPipeline:
         self.model.forward_calls += 1
         h = self.model.stage_forward(torch.tensor(ids, dtype=torch.long), pos, meta,
                                      self.eng.kv.caches)
-        self._send_header({"seqs": seqs, "sample": sample, "new": new, "done": self._done}, h)
+        self._send_step({"seqs": seqs, "sample": sample, "new": new, "done": self._done}, h)
         self._done = []
         self._reap_sends()
         self._log(len(ids), t0, snap)
@@ -432,14 +443,14 @@ class StepPipeline:
         """Receive, run and pass on steps until the first stage says stop."""
         with torch.inference_mode():
             while True:
-                hdr = self._recv_header()
+                hdr, h = self._recv_step()
                 t0 = time.perf_counter()
                 snap = {k: v[1] for k, v in self.comm.stats.items()}
                 for rid in hdr.get("done", ()):
                     self._samplers.pop(rid, None)
                 if hdr.get("stop"):
                     if not self.last:
-                        self._send_header(hdr, None)
+                        self._send_step(hdr, None)
                     self._reap_sends(block=True)
                     self._samplers.clear()
                     return
@@ -447,9 +458,9 @@ class StepPipeline:
                 self._count(seqs)
                 pos, meta, rows = self._geometry(seqs)
                 N = int(pos.numel())
-                h = self.comm.recv(torch.empty(N, self.model.global_config.hidden_size,
-                                               dtype=self.model.dtype), self.model.prev_rank,
-                                   "pp.act")
+                if h is None or h.shape[0] != N:
+                    raise RuntimeError(f"rank {self.peng.rank}: step header has {N} rows, "
+                                       f"the activations {0 if h is None else h.shape[0]}")
                 self.model.forward_calls += 1
                 h = self.model.stage_forward(h, pos, meta, self.eng.kv.caches)
                 if self.last:
@@ -460,7 +471,7 @@ class StepPipeline:
                         self._sends.append((self.comm.isend(toks, self.first_rank, "pp.tokens"),
                                             "pp.tokens"))
                 else:
-                    self._send_header(hdr, h)
+                    self._send_step(hdr, h)
                 self._reap_sends()
                 self._log(N, t0, snap)
 
