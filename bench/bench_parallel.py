@@ -67,17 +67,21 @@ def _rank(rank, world, port, path, kw, prompts, max_tokens, out_file, repeat=1):
                          pipeline=pipeline)
     sp = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     eng.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
-    wall = float("inf")
-    for _ in range(repeat):  # the fastest of `repeat` runs (the counts are the same each time)
+    best = None
+    for _ in range(repeat):  # the fastest of `repeat` runs (the byte counts are the same)
         eng.comm.reset()
         eng.engine.stats.update(prefill_tokens=0, decode_tokens=0, steps=0)
         dist.barrier()
         t0 = time.perf_counter()
         res = eng.generate(prompts, sp)
-        wall = min(wall, time.perf_counter() - t0)
+        w = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+        dist.all_reduce(w, op=dist.ReduceOp.MAX)  # a run lasts until its slowest rank ends
+        if best is None or w.item() < best[0]:
+            best = (w.item(), dict(eng.engine.stats), eng.comm.snapshot())
+    wall, stats, comm = best
     m = eng.model
-    info = {"coords": eng.coords, "stats": dict(eng.engine.stats),
-            "comm": {f"{k}|{t}": v for (k, t), v in eng.comm.stats.items()},
+    info = {"coords": eng.coords, "stats": stats,
+            "comm": {f"{k}|{t}": v for (k, t), v in comm.items()},
             "moe_layers": sum(1 for i in m.layer_ids if m.global_config.is_moe_layer(i)),
             "layers": len(m.layer_ids)}
     everything = eng.comm.gather_object(info)

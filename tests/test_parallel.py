@@ -92,7 +92,7 @@ def _layouts_worker(rank, world, layouts, prompts, ckpts, sampled):
             ekw = ekw[0] if ekw else {}
             eng = ParallelEngine(path, ParallelLayout(**kw), timeout_s=60, **ENGINE, **ekw)
             # Each rank loaded only its shard: at most its TP x PP share of the dense weights
-            # (slack for replicated norms, routers and, when EP spans TP, the shared expert),
+            # (slack for replicated norms and routers),
             # and fewer experts with EP. DP and CP replicate the model by design.
             if full is None:
                 full = sum(t.numel() * 4
@@ -102,9 +102,17 @@ def _layouts_worker(rank, world, layouts, prompts, ckpts, sampled):
             if (split > 1 or kw.get("ep", 1) > 1) and eng.model.weight_bytes() > bound:
                 bad.append(f"{fam} {name}: rank {rank} holds {eng.model.weight_bytes()} "
                            f"of {full} weight bytes")
+            # A shared expert (Qwen2-MoE) is TP-sharded in every layout, EP across TP included.
+            for layer in eng.model.layers:
+                sh = getattr(layer.mlp, "shared", None)
+                if sh is not None and sh.inter * kw.get("tp", 1) != \
+                        eng.model.global_config.shared_expert_intermediate_size:
+                    bad.append(f"{fam} {name}: rank {rank} holds {sh.inter} shared-expert rows")
             res = eng.generate([{"prompt_token_ids": p} for p in prompts],
                                SamplingParams(temperature=0, max_tokens=NEW_TOKENS,
                                               ignore_eos=True))
+            if eng.engine.kv.num_free_blocks != eng.engine.kv.num_blocks:
+                bad.append(f"{fam} {name}: rank {rank} leaked KV blocks")
             if rank == 0:
                 got = [r["token_ids"] for r in res]
                 if got != refs:
