@@ -191,6 +191,7 @@ class PipelineScheduler:
 class _Step:
     group: int
     sched: list
+    id: int = -1
     sampled: list = field(default_factory=list)
     rows: int = 0
 
@@ -232,7 +233,9 @@ class StepPipeline:
         if self.first:
             self.sched = PipelineScheduler(self.eng.scheduler, self.in_flight)
             self.eng.scheduler = self.sched
-        self._sends: list = []  # (handle, tag) of non-blocking sends not yet waited on
+        self._sends: list = []  # (step id, handle, tag) of sends not yet waited on
+        self._next_id = 0  # first stage: id of the next step issued
+        self._acked = -1  # first stage: every step up to this one has returned its tokens
         self._sent_params: set = set()  # request ids whose sampler state the last stage holds
         self._done: list = []  # of those, finished since the last header
         self._samplers: dict = {}  # last stage: request id -> _SamplerState
@@ -253,7 +256,7 @@ class StepPipeline:
         nxt = self.model.next_rank
         for t, tag in ((torch.tensor([len(b), rows], dtype=torch.int64), "pp.header"),
                        (body, "pp.act")):
-            self._sends.append((self.comm.isend(t, nxt, tag), tag))
+            self._sends.append((hdr.get("id", -1), self.comm.isend(t, nxt, tag), tag))
 
     def _recv_step(self):
         """The previous stage's ``(header, hidden states or None)``."""
@@ -267,17 +270,14 @@ class StepPipeline:
         h = body[n:].view(dt).view(rows, H) if rows else None
         return hdr, h
 
-    def _reap_sends(self, block: bool = False) -> None:
-        """Drop the sends that completed (oldest first); with ``block``, wait for all of them
-        (under the watchdog). Never blocking mid-run keeps the ring of stages free of
-        deadlock: no stage waits for a receiver that may itself be waiting to send."""
-        while self._sends:
-            handle, tag = self._sends[0]
-            if block:
-                self.comm.wait(handle, tag)
-            elif handle is not None and not handle[0].is_completed():
-                return
-            self._sends.pop(0)
+    def _reap_sends(self, upto: Optional[int] = None) -> None:
+        """Wait for the sends of steps up to ``upto`` (all with None). Once the first stage
+        has a step's tokens, every stage has received that step, so these waits return at
+        once: no stage ever blocks on a receiver that may itself be waiting to send. Each
+        header carries the first stage's ``ack``, which bounds what is held."""
+        while self._sends and (upto is None or self._sends[0][0] <= upto):
+            _, handle, tag = self._sends.pop(0)
+            self.comm.wait(handle, tag)
 
     # ---- a step's geometry, the same on every stage -------------------------------------------
 
@@ -357,7 +357,7 @@ class StepPipeline:
                                        "the KV cache")
             self._send_step({"stop": 1, "done": self._done}, None)
             self._done = []
-            self._reap_sends(block=True)
+            self._reap_sends()
 
     def _issue(self, g: int, sched: list) -> _Step:
         t0, snap = time.perf_counter(), {k: v[1] for k, v in self.comm.stats.items()}
@@ -398,9 +398,11 @@ class StepPipeline:
         self.model.forward_calls += 1
         h = self.model.stage_forward(torch.tensor(ids, dtype=torch.long), pos, meta,
                                      self.eng.kv.caches)
-        self._send_step({"seqs": seqs, "sample": sample, "new": new, "done": self._done}, h)
+        step.id = self._next_id
+        self._next_id += 1
+        self._send_step({"id": step.id, "ack": self._acked, "seqs": seqs, "sample": sample,
+                         "new": new, "done": self._done}, h)
         self._done = []
-        self._reap_sends()
         self._log(len(ids), t0, snap)
         return step
 
@@ -411,6 +413,9 @@ class StepPipeline:
         n = len(step.sampled)
         toks = self.comm.recv(torch.empty(n, dtype=torch.int64), self.last_rank,
                               "pp.tokens").tolist() if n else []
+        # Steps complete in issue order; this one's tokens are back, so every stage has it.
+        self._acked = step.id
+        self._reap_sends(step.id)
         eng = self.eng
         for s in step.sched:
             s.req.num_computed += s.num_new
@@ -451,7 +456,7 @@ class StepPipeline:
                 if hdr.get("stop"):
                     if not self.last:
                         self._send_step(hdr, None)
-                    self._reap_sends(block=True)
+                    self._reap_sends()
                     self._samplers.clear()
                     return
                 seqs = hdr["seqs"]
@@ -468,11 +473,11 @@ class StepPipeline:
                         self._samplers[rid] = _SamplerState(d)
                     toks = self._sample(h, rows, hdr["sample"])
                     if toks.numel():
-                        self._sends.append((self.comm.isend(toks, self.first_rank, "pp.tokens"),
-                                            "pp.tokens"))
+                        self._sends.append((hdr["id"], self.comm.isend(toks, self.first_rank,
+                                                                       "pp.tokens"), "pp.tokens"))
                 else:
                     self._send_step(hdr, h)
-                self._reap_sends()
+                self._reap_sends(hdr["ack"])
                 self._log(N, t0, snap)
 
     def _sample(self, h: torch.Tensor, rows: list, sample: list) -> torch.Tensor:
