@@ -9,9 +9,10 @@ tokens point-to-point to the first stage (no logits leave the last stage).
 
 Messages between stages, in order on each link: the sizes ``[header bytes, rows]``, then one
 buffer with the step header (JSON: the sequences' lengths and block tables, which rows to
-sample and how) followed by the step's hidden states ``[rows, hidden]``. Only the first stage schedules and allocates KV blocks; the other stages
-write their layers' K/V into the same block ids, which the header carries. Every wait goes
-through :class:`~disagg.parallel.comm.Comm` (watchdog and timeout).
+sample and how) followed by the step's hidden states ``[rows, hidden]``. Only the first stage
+schedules and allocates KV blocks; the other stages write their layers' K/V into the same
+block ids, which the header carries. Every wait goes through
+:class:`~disagg.parallel.comm.Comm` (watchdog and timeout). See docs/parallel.md.
 """
 from __future__ import annotations
 
@@ -225,7 +226,7 @@ class StepPipeline:
         pp_ranks = peng.groups.ranks("pp")
         self.first_rank, self.last_rank = pp_ranks[0], pp_ranks[-1]
         self.first, self.last = m.first, m.last
-        self.in_flight = steps_in_flight or peng.layout.pp
+        self.in_flight = peng.layout.pp if steps_in_flight is None else steps_in_flight
         if self.in_flight < 1:
             raise ValueError(f"steps_in_flight must be >= 1, got {self.in_flight}")
         self.bs = self.eng.block_size
