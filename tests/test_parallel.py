@@ -21,10 +21,14 @@ PROMPT_LENS = [3, 11, 29, 50]
 NEW_TOKENS = 24
 ENGINE = dict(dtype="float32", max_num_batched_tokens=16, block_size=8)
 
-# (name, layout kwargs); the world size is tp * pp * dp * cp.
+# (name, layout kwargs[, engine kwargs]); the world size is tp * pp * dp * cp. With pp > 1
+# the engine keeps pp steps in flight (request groups) unless pipeline="micro" or the layout
+# needs lock-step replicas.
 LAYOUTS_2 = [
     ("TP2", dict(tp=2)),
-    ("PP2", dict(pp=2)),
+    ("PP2", dict(pp=2)),  # steps in flight
+    ("PP2-preempt", dict(pp=2), dict(num_blocks=12)),  # 96 KV slots for 189 tokens
+    ("PP2-micro", dict(pp=2), dict(pipeline="micro")),
     ("DP2", dict(dp=2)),
     ("EP2", dict(dp=2, ep=2)),  # two replicas sharing one EP group
     ("CP2", dict(cp=2)),
@@ -39,6 +43,11 @@ LAYOUTS_4 = [
     ("CP2xTP2", dict(cp=2, tp=2)),
     ("DP2xPP2xEP2", dict(dp=2, pp=2, ep=2)),  # replicas in lock-step, micro-batched stages
 ]
+# Sampling (temperature 0.8) checks, on the Mixtral checkpoint: seeded requests give the
+# single-process tokens; unseeded ones give the same tokens on every scheduling rank.
+SAMPLED_2 = ("TP2", "PP2")
+SAMPLED_4 = ("TP2xPP2xEP2",)
+SEED = 1234
 
 
 @pytest.fixture(scope="module")
@@ -55,21 +64,35 @@ def ckpts(tmp_path_factory):
         res = llm.generate([{"prompt_token_ids": p} for p in prompts],
                            SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True))
         out[fam] = (path, [r.outputs[0].token_ids for r in res])
+        if fam == "mixtral":
+            res = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                               _sampled(seed=SEED))
+            out["sampled"] = [r.outputs[0].token_ids for r in res]
     return prompts, out
 
 
-def _layouts_worker(rank, world, layouts, prompts, ckpts):
+def _sampled(seed=None, max_tokens=8):
+    return SamplingParams(temperature=0.8, top_k=50, seed=seed, max_tokens=max_tokens,
+                          ignore_eos=True)
+
+
+def _layouts_worker(rank, world, layouts, prompts, ckpts, sampled):
+    import torch.distributed as dist
+
     from disagg.parallel import ParallelEngine, ParallelLayout
 
     from disagg.model import CausalLM
 
     bad = []
-    for fam, (path, refs) in ckpts.items():
+    sampled_ref = ckpts["sampled"]
+    for fam in FAMILIES:
+        path, refs = ckpts[fam]
         full = None
-        for name, kw in layouts:
-            eng = ParallelEngine(path, ParallelLayout(**kw), timeout_s=60, **ENGINE)
+        for name, kw, *ekw in layouts:
+            ekw = ekw[0] if ekw else {}
+            eng = ParallelEngine(path, ParallelLayout(**kw), timeout_s=60, **ENGINE, **ekw)
             # Each rank loaded only its shard: at most its TP x PP share of the dense weights
-            # (slack for replicated norms, routers and, when EP spans TP, the shared expert),
+            # (slack for replicated norms and routers),
             # and fewer experts with EP. DP and CP replicate the model by design.
             if full is None:
                 full = sum(t.numel() * 4
@@ -79,16 +102,53 @@ def _layouts_worker(rank, world, layouts, prompts, ckpts):
             if (split > 1 or kw.get("ep", 1) > 1) and eng.model.weight_bytes() > bound:
                 bad.append(f"{fam} {name}: rank {rank} holds {eng.model.weight_bytes()} "
                            f"of {full} weight bytes")
+            # A shared expert (Qwen2-MoE) is TP-sharded in every layout, EP across TP included.
+            for layer in eng.model.layers:
+                sh = getattr(layer.mlp, "shared", None)
+                if sh is not None and sh.inter * kw.get("tp", 1) != \
+                        eng.model.global_config.shared_expert_intermediate_size:
+                    bad.append(f"{fam} {name}: rank {rank} holds {sh.inter} shared-expert rows")
             res = eng.generate([{"prompt_token_ids": p} for p in prompts],
                                SamplingParams(temperature=0, max_tokens=NEW_TOKENS,
                                               ignore_eos=True))
+            if eng.engine.kv.num_free_blocks != eng.engine.kv.num_blocks:
+                bad.append(f"{fam} {name}: rank {rank} leaked KV blocks")
             if rank == 0:
                 got = [r["token_ids"] for r in res]
                 if got != refs:
                     bad.append(f"{fam} {name}: {got} != {refs}")
+                bad += _pipeline_checks(f"{fam} {name}", kw, ekw, eng)
+            if fam == "mixtral" and name in sampled:
+                res = eng.generate([{"prompt_token_ids": p} for p in prompts], _sampled(SEED))
+                if rank == 0 and [r["token_ids"] for r in res] != sampled_ref:
+                    bad.append(f"{name} seeded sampling: {res} != {sampled_ref}")
+                # Unseeded: every rank that schedules (every TP rank of the first stage) must
+                # have drawn the same tokens, or their steps would silently diverge.
+                eng.generate([{"prompt_token_ids": p} for p in prompts], _sampled(None))
+                views = [None] * world
+                dist.all_gather_object(views, eng.last_results)
+                held = [v for v in views if v]
+                if rank == 0 and (len(held) < max(1, kw.get("tp", 1))
+                                  or any(v != held[0] for v in held)):
+                    bad.append(f"{name} unseeded sampling differs across ranks: {views}")
             eng.comm.stop_watchdog()
     if bad:
         raise AssertionError("\n".join(bad))
+
+
+def _pipeline_checks(name, kw, ekw, eng) -> list:
+    """On global rank 0 (a first stage): with pp > 1 and no lock-step replicas, the engine kept
+    pp steps in flight; a small KV pool forced preemptions."""
+    bad = []
+    steps = kw.get("pp", 1) > 1 and ekw.get("pipeline") != "micro" and not (
+        kw.get("dp", 1) > 1 and kw.get("ep", 1) > 1)
+    if steps != (eng.pipeline is not None):
+        bad.append(f"{name}: pipeline {eng.pipeline}")
+    elif steps and eng.pipeline.stats["max_in_flight"] != kw["pp"]:
+        bad.append(f"{name}: at most {eng.pipeline.stats['max_in_flight']} steps in flight")
+    if "num_blocks" in ekw and eng.engine.scheduler.num_preemptions == 0:
+        bad.append(f"{name}: no preemption with {ekw['num_blocks']} blocks")
+    return bad
 
 
 def _tensors(m):
@@ -164,12 +224,12 @@ def test_router_balances_assigned_tokens():
 
 def test_layouts_world2(ckpts):
     prompts, refs = ckpts
-    run_ranks(2, _layouts_worker, LAYOUTS_2, prompts, refs, timeout=300)
+    run_ranks(2, _layouts_worker, LAYOUTS_2, prompts, refs, SAMPLED_2, timeout=300)
 
 
 def test_layouts_world4(ckpts):
     prompts, refs = ckpts
-    run_ranks(4, _layouts_worker, LAYOUTS_4, prompts, refs, timeout=300)
+    run_ranks(4, _layouts_worker, LAYOUTS_4, prompts, refs, SAMPLED_4, timeout=300)
 
 
 def test_two_nodes_torchrun(ckpts, tmp_path):
@@ -201,7 +261,7 @@ def test_two_nodes_torchrun(ckpts, tmp_path):
     assert "all_reduce" in "".join(logs)  # the layout report was printed
 
 
-def _dying_entry(rank, world, port, path, prompts, timeout_s, result_dir):
+def _dying_entry(rank, world, port, path, prompts, timeout_s, result_dir, layout):
     import datetime
 
     import torch.distributed as dist
@@ -212,16 +272,16 @@ def _dying_entry(rank, world, port, path, prompts, timeout_s, result_dir):
                             world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
     from disagg.parallel import ParallelEngine, ParallelLayout
 
-    eng = ParallelEngine(path, ParallelLayout(tp=2), timeout_s=timeout_s, **ENGINE)
-    if rank == 1:
-        fwd = eng.model.forward
+    eng = ParallelEngine(path, ParallelLayout(**layout), timeout_s=timeout_s, **ENGINE)
+    if rank == 1:  # TP2: the other TP rank; PP2: the last stage, with steps in flight
+        fwd = eng.model.stage_forward
 
         def dying(*a, **k):
             if eng.model.forward_calls >= 3:
                 os._exit(7)  # no goodbye: the peer finds out from the transport or the clock
             return fwd(*a, **k)
 
-        eng.model.forward = dying
+        eng.model.stage_forward = dying
     t0 = time.monotonic()
     try:
         eng.generate([{"prompt_token_ids": p} for p in prompts],
@@ -234,13 +294,14 @@ def _dying_entry(rank, world, port, path, prompts, timeout_s, result_dir):
     os._exit(0)
 
 
-def test_killed_rank_ends_job_with_error(ckpts, tmp_path):
+@pytest.mark.parametrize("layout", [dict(tp=2), dict(pp=2)], ids=["tp2", "pp2-steps"])
+def test_killed_rank_ends_job_with_error(ckpts, tmp_path, layout):
     import torch.multiprocessing as mp
 
     prompts, refs = ckpts
     timeout_s = 10
     ctx = mp.start_processes(_dying_entry, args=(2, free_port(), refs["mixtral"][0], prompts,
-                                                 timeout_s, str(tmp_path)),
+                                                 timeout_s, str(tmp_path), layout),
                              nprocs=2, join=False, start_method="spawn")
     t0 = time.monotonic()
     for p in ctx.processes:

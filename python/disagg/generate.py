@@ -40,6 +40,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     par.add_argument("--ep-tp-experts", action="store_true",
                      help="with --ep and --tp: split every expert over TP and lay EP over "
                           "replicas (default: EP spans the TP ranks, experts whole)")
+    par.add_argument("--pp-schedule", choices=("auto", "steps", "micro"), default="auto",
+                     help="with --pp: 'steps' keeps several steps in flight (request groups), "
+                          "'micro' splits each step into micro-batches; 'auto': steps where "
+                          "the layout allows")
+    par.add_argument("--steps-in-flight", type=int, default=None,
+                     help="request groups for --pp-schedule steps (default: --pp)")
     par.add_argument("--dist-timeout", type=float, default=60.0,
                      help="seconds before a stuck collective ends the job")
     par.add_argument("--report", action="store_true", help="print the layout report (rank 0)")

@@ -5,6 +5,8 @@ from .engine import ParallelEngine, RequestRouter
 from .launch import init_distributed
 from .layout import ParallelLayout, RankGroups
 from .model import ParallelCausalLM
+from .pipeline import PipelineScheduler, StepPipeline
 
 __all__ = ["Comm", "CollectiveTimeout", "CountingTransport", "ParallelEngine", "RequestRouter",
-           "init_distributed", "ParallelLayout", "RankGroups", "ParallelCausalLM"]
+           "init_distributed", "ParallelLayout", "RankGroups", "ParallelCausalLM",
+           "PipelineScheduler", "StepPipeline"]

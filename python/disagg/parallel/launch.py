@@ -41,6 +41,7 @@ def main_parallel(args) -> int:
                                 top_p=args.top_p, seed=args.seed, max_tokens=args.max_tokens,
                                 stop=args.stop, ignore_eos=args.ignore_eos)
         eng = ParallelEngine(args.model, layout, dtype=args.dtype, timeout_s=args.dist_timeout,
+                             pipeline=args.pp_schedule, steps_in_flight=args.steps_in_flight,
                              max_num_seqs=args.max_num_seqs,
                              max_num_batched_tokens=args.max_num_batched_tokens,
                              enable_chunked_prefill=not args.no_chunked_prefill,

@@ -41,7 +41,7 @@ class EPMoE:
 
     def __init__(self, gate, w13, w2, experts: range, top_k, renormalize, act, dispatcher,
                  comm: Comm, split_group=None, shared=None, shared_gate=None,
-                 partial: bool = False):
+                 partial: bool = False, shared_split: bool = False):
         self.gate, self.w13, self.w2 = gate, w13, w2  # [Le, H, 2I], [Le, I, H]
         self.experts = experts
         self.inter = w2.shape[1]
@@ -52,9 +52,14 @@ class EPMoE:
         self.split_rank = dist.get_rank(split_group) if split_group is not None else 0
         self.shared, self.shared_gate = shared, shared_gate
         self.partial = partial
+        # With a split group, a shared expert sharded over it (its intermediate dimension)
+        # runs on every token; its partial sums and this rank's routed rows then meet in one
+        # all-reduce instead of an all-gather of the routed rows.
+        self.shared_split = shared_split and shared is not None and self.split_n > 1
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         counts = None
+        x_all = x
         if self.split_n > 1:
             counts = split_counts(x.shape[0], self.split_n)
             a = sum(counts[:self.split_rank])
@@ -76,6 +81,11 @@ class EPMoE:
                 torch.mm(self.act(h[:, :I]) * h[:, I:], self.w2[e], out=y[off:off + n])
             off += n
         out = self.disp.combine(y, handle, out_dtype=x.dtype)
+        if self.shared_split:
+            full = torch.sigmoid(F.linear(x_all, self.shared_gate)) * self.shared(x_all)
+            full[a:a + T] += out
+            # the MLP all-reduce of a TP layer (tag tp.mlp): [tokens, hidden], as a dense MLP
+            return self.comm.all_reduce(full, self.split_group, "tp.mlp")
         if self.shared is not None and T:
             out = out + torch.sigmoid(F.linear(x, self.shared_gate)) * self.shared(x)
         if counts is not None:
@@ -310,9 +320,10 @@ class ParallelCausalLM(CausalLM):
         gate = ws.require(m + "gate.weight")
         shared = shared_gate = None
         if cfg.shared_expert_intermediate_size:
-            # Whole on every rank when EP splits tokens over TP (it then sees a token share).
+            # TP-sharded like a dense MLP in every layout (each rank loads its slice of the
+            # intermediate dimension); the gate [1, hidden] is replicated.
             shared = self._dense(ws, m + "shared_expert.", ("gate_proj", "up_proj", "down_proj"),
-                                 cfg.shared_expert_intermediate_size, act, not ep_over_tp)
+                                 cfg.shared_expert_intermediate_size, act, True)
             shared_gate = ws.require(m + "shared_expert_gate.weight")
         if lay.ep == 1:
             return (MoE(gate, gate_up, down, cfg.num_experts_per_tok, cfg.norm_topk_prob, act,
@@ -322,7 +333,8 @@ class ParallelCausalLM(CausalLM):
                       down.transpose(1, 2).contiguous(), experts, cfg.num_experts_per_tok,
                       cfg.norm_topk_prob, act, disp, self.comm,
                       split_group=self.tp_group if ep_over_tp and tp > 1 else None,
-                      shared=shared, shared_gate=shared_gate, partial=split_experts), split_experts)
+                      shared=shared, shared_gate=shared_gate, partial=split_experts,
+                      shared_split=ep_over_tp and tp > 1), split_experts)
 
     def weight_bytes(self) -> int:
         """Bytes of checkpoint weights this rank holds (its shard, not the model)."""
@@ -391,18 +403,14 @@ class ParallelCausalLM(CausalLM):
         # except for the fill and drain of the pipeline.
         for a, b, m in parts:
             if self.first:
-                h = self._embed(input_ids[a:b])
+                x = input_ids[a:b]
             else:
-                h = self.comm.recv(torch.empty(b - a, H, dtype=self.dtype), self.prev_rank,
+                x = self.comm.recv(torch.empty(b - a, H, dtype=self.dtype), self.prev_rank,
                                    "pp.act")
-            cos, sin = self.rope.cos_sin(positions[a:b], self.dtype)
             # after_layer (CausalLM's hook) sees local layer indices, once the step's last
             # micro-batch has written them
             hook = self.after_layer if (a, b) == parts[-1][:2] else None
-            for i, (layer, cache) in enumerate(zip(self.layers, kv_caches)):
-                h = layer(h, cos, sin, m, cache, rows)
-                if hook is not None:
-                    hook(i)
+            h = self.stage_forward(x, positions[a:b], m, kv_caches, rows, hook)
             if self.last:
                 outs.append(h)
             else:
@@ -418,14 +426,35 @@ class ParallelCausalLM(CausalLM):
                 h = self.comm.all_gather_rows(h, rows[2], self.cp_group, "cp.hidden")
             if logits_rows is not None:
                 h = h[logits_rows]
-            h = rms_norm(h, self.norm, cfg.rms_norm_eps)
-            logits = F.linear(h, self.lm_head).float()
-            if self.tp > 1:
-                counts = [len(vocab_range(V, self.tp, r)) for r in range(self.tp)]
-                logits = self.comm.all_gather_rows(logits.t().contiguous(), counts,
-                                                   self.tp_group, "tp.logits").t().contiguous()
+            logits = self.logits(h)
         if self.layout.pp > 1:
             self.comm.broadcast(logits, self.last_rank, self.pp_group, "pp.logits")
+        return logits
+
+    def stage_forward(self, x: torch.Tensor, positions: torch.Tensor, meta, kv_caches,
+                      rows=None, after_layer=None) -> torch.Tensor:
+        """This stage's layers over one batch: ``x`` is token ids on the first stage (which
+        embeds them), the previous stage's hidden states ``[N, hidden]`` elsewhere.
+        ``after_layer(i)`` runs after local layer ``i`` has written its K/V."""
+        h = self._embed(x) if self.first else x
+        cos, sin = self.rope.cos_sin(positions, self.dtype)
+        for i, (layer, cache) in enumerate(zip(self.layers, kv_caches)):
+            h = layer(h, cos, sin, meta, cache, rows)
+            if after_layer is not None:
+                after_layer(i)
+        return h
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Last stage: final norm and LM head over the rows ``h``, full ``[M, vocab]`` float32
+        logits on every TP rank (each computes its vocabulary columns, all-gathered)."""
+        cfg = self.global_config
+        h = rms_norm(h, self.norm, cfg.rms_norm_eps)
+        logits = F.linear(h, self.lm_head).float()
+        if self.tp > 1:
+            V = cfg.vocab_size
+            counts = [len(vocab_range(V, self.tp, r)) for r in range(self.tp)]
+            logits = self.comm.all_gather_rows(logits.t().contiguous(), counts,
+                                               self.tp_group, "tp.logits").t().contiguous()
         return logits
 
     @torch.inference_mode()
