@@ -111,6 +111,11 @@ class SpecConfig:
         candidates (deterministic proposals). Both are lossless.
     ngram_max, ngram_min : int
         Longest and shortest suffix matched by prompt lookup.
+    min_prob : float
+        Draft model, deterministic drafts: a child whose draft probability (given its parent)
+        is below this is not proposed, nor expanded, so the tree shrinks, down to plain
+        decoding, where the draft is unsure. 0 keeps the full shape. Tokens never change
+        (verification decides); only the work per step does.
     """
 
     method: str = "off"
@@ -119,11 +124,14 @@ class SpecConfig:
     stochastic: bool = False
     ngram_max: int = 4
     ngram_min: int = 1
+    min_prob: float = 0.0
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"SpecConfig.method must be one of {METHODS}, got {self.method!r}")
         self.tree = TreeShape.parse(self.tree)
+        if not (isinstance(self.min_prob, (int, float)) and 0 <= self.min_prob < 1):
+            raise ValueError(f"SpecConfig.min_prob must be in [0, 1), got {self.min_prob!r}")
         if not 1 <= self.ngram_min <= self.ngram_max:
             raise ValueError("SpecConfig: need 1 <= ngram_min <= ngram_max, got "
                              f"{self.ngram_min}, {self.ngram_max}")
@@ -149,6 +157,8 @@ def add_spec_args(parser) -> None:
                         help="draft model folder for --speculative draft")
     parser.add_argument("--spec-stochastic", action="store_true",
                         help="sampled requests draw draft children from the draft distribution")
+    parser.add_argument("--spec-min-prob", type=float, default=0.0,
+                        help="draft model: do not propose children below this draft probability")
 
 
 def spec_config_from_args(args) -> Optional[SpecConfig]:
@@ -156,4 +166,5 @@ def spec_config_from_args(args) -> Optional[SpecConfig]:
     if args.speculative == "off":
         return None
     return SpecConfig(args.speculative, tree=args.spec_tree, stochastic=args.spec_stochastic,
-                      draft_model=args.draft_model if args.speculative == "draft" else None)
+                      draft_model=args.draft_model if args.speculative == "draft" else None,
+                      min_prob=getattr(args, "spec_min_prob", 0.0))

@@ -72,7 +72,7 @@ class TreePlan:
     tree: DraftTree
     ctx: int  # the root's position
     positions: list
-    mask: torch.Tensor  # [N, ctx + N] bool
+    mask: object  # model.attention.TreeMask: context + ancestors
     max_depth: int
 
 
@@ -169,7 +169,7 @@ class SpecRunner:
                 st = self._state(req)
                 p = req.params
                 batch.append((req.request_id, req.all_token_ids, c.tree, c.stochastic,
-                              p.temperature, st[2]))
+                              p.temperature, st[2], c.min_prob))
                 where.append(k)
         if batch:
             for k, t in zip(where, self.drafter.propose(batch, eng.model.config.vocab_size)):
@@ -197,19 +197,15 @@ class SpecRunner:
         return plans
 
     def _plan(self, s, c: SpecConfig, tree: DraftTree, ctx: int) -> TreePlan:
-        N = len(tree)
+        from ..model.attention import TreeMask
+
         parents = torch.tensor([tree.parents], dtype=torch.int32)
         tb = ops.tree_build(parents)
         depth = tb.depth[0].tolist()
-        tmask = ops.unpack_tree_mask(tb.mask, N)[0]
-        mask = torch.ones(N, ctx + N, dtype=torch.bool)
-        mask[:, ctx:] = tmask
-        window = self.engine.model.config.sliding_window
-        if window:
-            kpos = torch.cat([torch.arange(ctx), ctx + tb.depth[0].long()])
-            qpos = ctx + tb.depth[0].long()
-            mask &= kpos[None, :] > (qpos[:, None] - window)
-        return TreePlan(s, c, tree, ctx, [ctx + d for d in depth], mask, max(depth))
+        # Node i's K/V sits at cache position ctx + i; paged_tree_attention reads the context
+        # in place and the ancestors from tree_build's bit mask (the sliding window too).
+        return TreePlan(s, c, tree, ctx, [ctx + d for d in depth], TreeMask(ctx, tb.mask[0]),
+                        max(depth))
 
     def verify(self, plans: list, logits: list) -> list:
         """Verify each plan against its target logits ``[N, V]``; compact the KV; returns the
