@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads-per-worker", type=int, default=1,
                    help="torch intra-op threads per rank (1 = one core per process)")
     p.add_argument("--log-level", default="WARNING")
+    from .spec_options import add_args as add_spec_args
+    add_spec_args(p)
     return p
 
 
@@ -86,6 +88,8 @@ def _self_launch(args, argv) -> list:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    from .spec_options import check_args
+    check_args(args)
     logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.WARNING),
                         format="%(asctime)s %(levelname)s [rank " + os.environ.get("RANK", "0")
                         + "] %(name)s: %(message)s")
@@ -149,6 +153,7 @@ def _run_worker(args, rank, role, host, port, kv_group) -> int:
     from ..engine import Engine
     from ..kv.connector import make_connector
     from .protocol import LineConn
+    from .spec_options import engine_speculative
     from .worker import Worker
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 tells workers when to stop
@@ -156,7 +161,8 @@ def _run_worker(args, rank, role, host, port, kv_group) -> int:
     engine = Engine(args.model, dtype=args.dtype, block_size=bs, num_blocks=args.num_blocks,
                     max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                     max_num_batched_tokens=args.max_num_batched_tokens,
-                    enable_chunked_prefill=True)
+                    enable_chunked_prefill=True,
+                    speculative=engine_speculative(args, role))
     connector = None
     if args.mode == "disaggregated":
         connector = make_connector(args.kv_transport, kv_group, args.kv_timeout)

@@ -18,6 +18,7 @@ import time
 
 from ..engine import Engine, SamplingParams
 from ..kv import OutOfBlocksError
+from . import spec_options
 from .protocol import LineConn
 
 log = logging.getLogger(__name__)
@@ -27,8 +28,9 @@ _PARAM_KEYS = ("temperature", "top_k", "top_p", "seed", "max_tokens", "stop", "s
                "include_stop_str_in_output", "skip_special_tokens")
 
 
-def params_from_json(d: dict) -> SamplingParams:
-    return SamplingParams(**{k: d[k] for k in _PARAM_KEYS if k in d})
+def params_from_json(d: dict, engine=None) -> SamplingParams:
+    return SamplingParams(**{k: d[k] for k in _PARAM_KEYS if k in d},
+                          **spec_options.params_kwargs(d, engine))
 
 
 def _queue_s(req) -> float:
@@ -73,10 +75,11 @@ class Worker:
         op = msg["op"]
         rid = msg.get("rid")
         if op == "add":
-            params = params_from_json(msg.get("params", {}))
+            params = params_from_json(msg.get("params", {}), self.engine)
             if self.role == "prefill":
                 self.handoff[rid] = (msg["decode_rank"], msg["tag"], params.max_tokens)
                 params.max_tokens = 1
+                params.speculative = None  # the decode rank speculates
             try:
                 self.engine.add_request({"prompt_token_ids": msg["prompt_token_ids"]}, params,
                                         request_id=rid, callback=lambda out: None)
@@ -130,7 +133,7 @@ class Worker:
         try:
             t0 = time.perf_counter()
             self.engine.add_request_from_kv(msg["prompt_token_ids"], msg["first_token"], buf,
-                                            params_from_json(msg.get("params", {})),
+                                            params_from_json(msg.get("params", {}), self.engine),
                                             request_id=rid, callback=lambda out: None)
             self.conn.send({"op": "kv_in", "rid": rid, "unpack_s": time.perf_counter() - t0})
             return True
@@ -179,7 +182,8 @@ class Worker:
         sch = self.engine.scheduler
         return {"op": "stats", "rank": self.rank, "running": len(sch.running),
                 "waiting": len(sch.waiting) + len(self.pending_kv), "num_blocks": kv.num_blocks,
-                "free_blocks": kv.num_free_blocks, "requests_with_kv": len(kv.request_ids())}
+                "free_blocks": kv.num_free_blocks, "requests_with_kv": len(kv.request_ids()),
+                **spec_options.worker_stats(self.engine, self.role)}
 
     def run(self) -> None:
         threading.Thread(target=self._reader, daemon=True, name="ctrl-reader").start()
