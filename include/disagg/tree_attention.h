@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "disagg/common.h"
+#include "disagg/tree.h"  // exp_nonpos
 
 namespace disagg {
 
@@ -86,6 +87,55 @@ Status paged_tree_attention_check(int64_t T, int64_t B, int64_t num_blocks, int6
   return Status::kOk;
 }
 
+namespace tree_attention_detail {
+
+constexpr int64_t kTile = 64;  // keys per tile
+
+// s[j] = bias[j] + q . k_j for the tile's keys, with kT the keys transposed [D][kTile]: the
+// loop runs along the keys, so it vectorises without a horizontal sum per dot product.
+DISAGG_MULTIVERSION static void scores(const float* q, const float* kT, int64_t D, int64_t n,
+                                       const float* bias, float* s) {
+  for (int64_t j = 0; j < n; ++j) s[j] = 0.f;
+  for (int64_t d = 0; d < D; ++d) {
+    const float qd = q[d];
+    const float* kd = kT + d * kTile;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) s[j] += qd * kd[j];
+  }
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) s[j] += bias[j];  // 0 or -inf
+}
+
+// Online-softmax update of one query (running max, sum, weighted values) with a tile of
+// scores s, overwritten by the weights; a tile with nothing visible changes nothing.
+DISAGG_MULTIVERSION static void update(float* s, int64_t n, float* mx, float* sum, float* acc,
+                                       int64_t D, const float* v) {
+  float m = *mx;
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < n; ++j) m = std::max(m, s[j]);
+  if (m == -INFINITY) return;  // nothing visible yet
+  const float corr = detail::exp_nonpos(*mx - m);  // 0 on the first visible tile (mx = -inf)
+  float total = 0.f;
+#pragma omp simd reduction(+ : total)
+  for (int64_t j = 0; j < n; ++j) {
+    s[j] = detail::exp_nonpos(s[j] - m);  // masked keys: exactly 0
+    total += s[j];
+  }
+  if (corr != 1.f)
+    for (int64_t d = 0; d < D; ++d) acc[d] *= corr;
+  *sum = *sum * corr + total;
+  *mx = m;
+  for (int64_t j = 0; j < n; ++j) {
+    const float w = s[j];
+    if (w == 0.f) continue;
+    const float* vj = v + j * D;
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) acc[d] += w * vj[d];
+  }
+}
+
+}  // namespace tree_attention_detail
+
 template <typename T, typename Idx>
 Status paged_tree_attention_cpu(const T* q, int64_t Tq, int64_t Hq, int64_t D, const T* cache,
                                 int64_t num_blocks, int64_t block_size, int64_t Hkv,
@@ -94,21 +144,21 @@ Status paged_tree_attention_cpu(const T* q, int64_t Tq, int64_t Hq, int64_t D, c
                                 const int32_t* tree_mask, int64_t W, float scale,
                                 int64_t sliding_window, T* out, const char** what,
                                 int num_threads = 1) {
+  using tree_attention_detail::kTile;
   static const char* no_what = nullptr;
   if (what == nullptr) what = &no_what;
   if (Hkv <= 0 || Hq % Hkv != 0 || block_size <= 0 || W <= 0) {
     *what = "q heads must be a multiple of kv_cache heads";
     return Status::kInvalidArgument;
   }
-  Status s = paged_tree_attention_check<Idx>(Tq, B, num_blocks, block_size, block_tables,
-                                             max_blocks, ctx_lens, tree_lens, q_offsets,
-                                             tree_mask, W, what);
-  if (s != Status::kOk) return s;
+  Status st = paged_tree_attention_check<Idx>(Tq, B, num_blocks, block_size, block_tables,
+                                              max_blocks, ctx_lens, tree_lens, q_offsets,
+                                              tree_mask, W, what);
+  if (st != Status::kOk) return st;
   const int64_t G = Hq / Hkv;
   const int64_t row = Hkv * D;  // elements per cached token
   const int64_t kv_stride = block_size * row;  // from K to V of a block
   const int64_t blk_stride = 2 * kv_stride;
-  constexpr int64_t kTile = 64;
   int64_t work = 0;
   for (int64_t b = 0; b < B; ++b)
     work += (static_cast<int64_t>(q_offsets[b + 1]) - static_cast<int64_t>(q_offsets[b])) *
@@ -124,7 +174,8 @@ Status paged_tree_attention_cpu(const T* q, int64_t Tq, int64_t Hq, int64_t D, c
     const int64_t ntree = static_cast<int64_t>(tree_lens[b]);
     const Idx* table = block_tables + b * max_blocks;
     const int64_t Q = nq * G;  // query vectors of this (sequence, KV head), row-major (r, g)
-    std::vector<float> qf(Q * D), acc(Q * D, 0.f), mx(Q, -INFINITY), sum(Q, 0.f), s(Q * kTile);
+    std::vector<float> qf(Q * D), acc(Q * D, 0.f), mx(Q, -INFINITY), sum(Q, 0.f), s(kTile);
+    std::vector<float> kT(D * kTile), vt(kTile * D), bias(nq * kTile);
     std::vector<int64_t> qpos(nq), lo(nq);  // query position; first visible context key
     int64_t lo_min = ctx;
     for (int64_t r = 0; r < nq; ++r) {
@@ -138,73 +189,37 @@ Status paged_tree_attention_cpu(const T* q, int64_t Tq, int64_t Hq, int64_t D, c
         for (int64_t d = 0; d < D; ++d)
           qf[(r * G + g) * D + d] = to_float(q[((q0 + r) * Hq + h * G + g) * D + d]) * scale;
     }
-    // One tile of keys at cache positions pos[0..n): scores for every query vector (each key
-    // is read once for all of them), masked to -inf where not visible, then an online-softmax
-    // update of (max, sum, acc).
-    auto tile = [&](const int64_t* pos, const bool* vis, int64_t n) {
+    // One tile of keys at cache positions p(0..n): K (transposed) and V of this head are
+    // converted to float once and shared by every query vector; bias (0 or -inf per query
+    // row) says which keys each query sees.
+    auto tile = [&](auto pos_of, int64_t n) {
       for (int64_t j = 0; j < n; ++j) {
-        const int64_t p = pos[j];
+        const int64_t p = pos_of(j);
         const T* k = cache + static_cast<int64_t>(table[p / block_size]) * blk_stride +
                      (p % block_size) * row + h * D;
-        for (int64_t i = 0; i < Q; ++i) {
-          float dot = -INFINITY;
-          if (vis[(i / G) * kTile + j]) {
-            const float* qi = qf.data() + i * D;
-            dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-            for (int64_t d = 0; d < D; ++d) dot += qi[d] * to_float(k[d]);
-          }
-          s[i * kTile + j] = dot;
+        const T* v = k + kv_stride;
+        for (int64_t d = 0; d < D; ++d) {
+          kT[d * kTile + j] = to_float(k[d]);
+          vt[j * D + d] = to_float(v[d]);
         }
       }
       for (int64_t i = 0; i < Q; ++i) {
-        float* si = s.data() + i * kTile;
-        float m = mx[i];
-        for (int64_t j = 0; j < n; ++j) m = std::max(m, si[j]);
-        if (m == -INFINITY) {  // nothing visible in this tile for this query
-          for (int64_t j = 0; j < n; ++j) si[j] = 0.f;
-          continue;
-        }
-        const float corr = std::exp(mx[i] - m);  // exp(-inf) = 0 on the first visible tile
-        float* ai = acc.data() + i * D;
-        if (corr != 1.f) {
-          sum[i] *= corr;
-          for (int64_t d = 0; d < D; ++d) ai[d] *= corr;
-        }
-        mx[i] = m;
-        for (int64_t j = 0; j < n; ++j) {
-          si[j] = si[j] == -INFINITY ? 0.f : std::exp(si[j] - m);
-          sum[i] += si[j];
-        }
-      }
-      for (int64_t j = 0; j < n; ++j) {
-        const int64_t p = pos[j];
-        const T* v = cache + static_cast<int64_t>(table[p / block_size]) * blk_stride +
-                     kv_stride + (p % block_size) * row + h * D;
-        for (int64_t i = 0; i < Q; ++i) {
-          const float w = s[i * kTile + j];
-          if (w == 0.f) continue;
-          float* ai = acc.data() + i * D;
-#pragma omp simd
-          for (int64_t d = 0; d < D; ++d) ai[d] += w * to_float(v[d]);
-        }
+        tree_attention_detail::scores(qf.data() + i * D, kT.data(), D, n,
+                                      bias.data() + (i / G) * kTile, s.data());
+        tree_attention_detail::update(s.data(), n, &mx[i], &sum[i], acc.data() + i * D, D,
+                                      vt.data());
       }
     };
-    std::vector<int64_t> pos(kTile);
-    std::vector<char> visbuf(nq * kTile);
-    bool* vis = reinterpret_cast<bool*>(visbuf.data());
     // The committed context (shared by every node of the tree).
     for (int64_t p0 = lo_min; p0 < ctx; p0 += kTile) {
       const int64_t n = std::min(kTile, ctx - p0);
-      for (int64_t j = 0; j < n; ++j) pos[j] = p0 + j;
       for (int64_t r = 0; r < nq; ++r)
-        for (int64_t j = 0; j < n; ++j) vis[r * kTile + j] = p0 + j >= lo[r];
-      tile(pos.data(), vis, n);
+        for (int64_t j = 0; j < n; ++j) bias[r * kTile + j] = p0 + j >= lo[r] ? 0.f : -INFINITY;
+      tile([p0](int64_t j) { return p0 + j; }, n);
     }
     // The tree nodes: visible iff an ancestor-or-self bit is set (and inside the window).
     for (int64_t j0 = 0; j0 < ntree; j0 += kTile) {
       const int64_t n = std::min(kTile, ntree - j0);
-      for (int64_t j = 0; j < n; ++j) pos[j] = ctx + j0 + j;
       for (int64_t r = 0; r < nq; ++r) {
         const int32_t* m = tree_mask + (q0 + r) * W;
         int64_t rank = 0;  // set bits before j0: the depth of the next visible node
@@ -217,10 +232,11 @@ Status paged_tree_attention_cpu(const T* q, int64_t Tq, int64_t Hq, int64_t D, c
             if (sliding_window > 0) ok = ctx + rank > qpos[r] - sliding_window;
             ++rank;
           }
-          vis[r * kTile + j] = ok;
+          bias[r * kTile + j] = ok ? 0.f : -INFINITY;
         }
       }
-      tile(pos.data(), vis, n);
+      const int64_t base = ctx + j0;
+      tile([base](int64_t j) { return base + j; }, n);
     }
     for (int64_t r = 0; r < nq; ++r)
       for (int64_t g = 0; g < G; ++g) {
