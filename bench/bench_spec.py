@@ -144,7 +144,8 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, default=96)
     ap.add_argument("--trees", nargs="+", default=["chain:4", "static:2,2,1,1",
                                                    "dynamic:12,5,3"],
-                    help="draft-model trees; TREE@P adds SpecConfig.min_prob=P")
+                    help="draft-model trees; TREE@P sets SpecConfig.min_prob=P, TREE~N "
+                         "SpecConfig.backoff=N (both: TREE@P~N)")
     ap.add_argument("--ngram-trees", nargs="*", default=["chain:4", "static:2,1,1,1"])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--dtype", default="float32")
@@ -182,10 +183,11 @@ def main(argv=None):
         prompts = [PROMPTS[i % len(PROMPTS)] for i in range(B)]
         engines = []
         for method, tree in cases:
-            shape, _, mp = (tree or "").partition("@")
+            rest, _, bo = (tree or "").partition("~")
+            shape, _, mp = rest.partition("@")
             spec = None if method == "off" else SpecConfig(
                 method, tree=shape, draft_model=draft if method == "draft" else None,
-                min_prob=float(mp or 0))
+                min_prob=float(mp or 0), backoff=int(bo or 0))
             eng = Engine(target, tok_path, block_size=16, max_num_seqs=max(8, B),
                          speculative=spec)
             run(eng, prompts[:1], 4)  # warm up

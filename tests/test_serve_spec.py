@@ -12,7 +12,8 @@ from test_serve import PROMPTS, Server, _client
 
 openai = pytest.importorskip("openai")
 
-OVERRIDES = [None, "ngram", {"method": "draft", "tree": "chain:3", "min_prob": 0.05}, "off"]
+OVERRIDES = [None, "ngram", {"method": "draft", "tree": "chain:3", "min_prob": 0.05, "backoff": 4},
+             "off"]
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +85,7 @@ def _check_bad_requests(s):
                        ({"method": "ngram", "tree": "tree:9"}, "speculative.tree"),
                        ({"method": "draft", "min_prob": 2}, "speculative.min_prob"),
                        ({"method": "draft", "tree": "static:8,8"}, "speculative.tree"),
+                       ({"method": "ngram", "backoff": -2}, "speculative.backoff"),
                        ({"method": "ngram", "depth": 3}, "speculative")):
         code, body = s.post("/v1/completions", json.dumps(
             {"prompt": "abc", "max_tokens": 2, "speculative": spec}).encode())

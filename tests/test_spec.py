@@ -130,6 +130,28 @@ def test_min_prob_prunes_without_changing_tokens(target, draft, reference):
         SpecConfig("draft", min_prob=1.5)
 
 
+def test_backoff_skips_drafting_without_changing_tokens(target, draft, reference):
+    """With a draft that rarely agrees, backing off drafts fewer trees; tokens are the same,
+    and a draft that always agrees (the target itself) never backs off."""
+    ps, want = reference
+    steps = {}
+    for bo in (0, 8):
+        eng = Engine(target, dtype="float32", block_size=4, speculative=SpecConfig(
+            "draft", tree="chain:3", draft_model=draft, backoff=bo))
+        assert generate(eng, ps, SamplingParams(max_tokens=24, **GREEDY)) == want
+        steps[bo] = eng.spec_metrics()["verify_steps"]
+        assert_no_leaks(eng)
+        assert not eng.spec.backoff
+    assert 0 < steps[8] < steps[0]
+    tmodel = CausalLM.from_pretrained(target, dtype="float32")
+    eng = Engine(target, dtype="float32", block_size=4, speculative=SpecConfig(
+        "draft", tree="chain:3", draft_model=tmodel, backoff=8))
+    assert generate(eng, ps[:2], SamplingParams(max_tokens=24, **GREEDY)) == want[:2]
+    assert eng.spec_metrics()["acceptance_length"] > 3
+    with pytest.raises(ValueError, match="backoff"):
+        SpecConfig("ngram", backoff=-1)
+
+
 def test_sliding_window_trees(tmp_path, draft):
     """A target with a sliding window shorter than the sequences: the tree attention's window
     (and the draft's, drafting for itself) matches plain decoding."""

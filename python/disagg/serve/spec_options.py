@@ -2,7 +2,8 @@
 per-request ``speculative`` JSON field, and the figures on ``/metrics``.
 
 A request may carry ``"speculative": "off" | "ngram" | "draft"`` or an object
-``{"method": ..., "tree": "chain:4" | "static:2,2" | "dynamic:12,5,3", "min_prob": 0.2}``;
+``{"method": ..., "tree": "chain:4" | "static:2,2" | "dynamic:12,5,3", "min_prob": 0.2,
+"backoff": 8}``;
 anything else is a 400 naming the field. Prefill ranks never speculate (they compute prompts
 only); decode and colocated ranks run the server's ``--speculative`` setting, overridable per
 request. In the disaggregated decode pool only the target's KV arrives from the prefill rank:
@@ -17,12 +18,13 @@ from ..spec.config import METHODS, SpecConfig, TreeShape, add_spec_args, spec_co
 
 FIELD = "speculative"
 MAX_TREE_NODES = 64  # per request: bounds the KV slots and the verify work one request adds
-_KEYS = ("method", "tree", "min_prob", "stochastic")
+_KEYS = ("method", "tree", "min_prob", "backoff", "stochastic")
+MAX_BACKOFF = 1024
 
 
 def add_args(parser) -> None:
     """``--speculative draft|ngram|off``, ``--spec-tree``, ``--draft-model``,
-    ``--spec-min-prob``, ``--spec-stochastic``."""
+    ``--spec-min-prob``, ``--spec-backoff``, ``--spec-stochastic``."""
     add_spec_args(parser)
 
 
@@ -80,6 +82,12 @@ def parse_request(data: dict, args) -> Optional[object]:
         if isinstance(mp, bool) or not isinstance(mp, (int, float)) or not 0 <= mp < 1:
             raise ValueError(f"'{FIELD}.min_prob' must be a number in [0, 1), got {mp!r}")
         out["min_prob"] = float(mp)
+    if "backoff" in v:
+        bo = v["backoff"]
+        if isinstance(bo, bool) or not isinstance(bo, int) or not 0 <= bo <= MAX_BACKOFF:
+            raise ValueError(f"'{FIELD}.backoff' must be an integer in [0, {MAX_BACKOFF}], "
+                             f"got {bo!r}")
+        out["backoff"] = bo
     if "stochastic" in v:
         if not isinstance(v["stochastic"], bool):
             raise ValueError(f"'{FIELD}.stochastic' must be true or false")
@@ -101,6 +109,7 @@ def to_param(v, default: Optional[SpecConfig] = None):
     kw["tree"] = v.get("tree", base.tree if base is not None else TreeShape.chain(4))
     kw["min_prob"] = v.get("min_prob", base.min_prob if base is not None else 0.0)
     kw["stochastic"] = v.get("stochastic", base.stochastic if base is not None else False)
+    kw["backoff"] = v.get("backoff", base.backoff if base is not None else 0)
     return SpecConfig(**kw)
 
 

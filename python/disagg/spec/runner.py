@@ -109,6 +109,7 @@ class SpecRunner:
         elif config.method == "draft":
             raise ValueError("SpecConfig(method='draft') needs a draft_model")
         self.state: dict = {}  # rid -> [seed, offset, generator]
+        self.backoff: dict = {}  # rid -> [steps in a row without an accepted draft, steps to skip]
         self.metrics = SpecMetrics()
 
     # ---- per request ------------------------------------------------------------------------
@@ -127,11 +128,29 @@ class SpecRunner:
             return None
         if c.method == "draft" and self.drafter is None:
             return None
+        if c.backoff:
+            b = self.backoff.get(req.request_id)
+            if b is not None and b[1] > 0:  # backing off: a plain step, no drafting
+                b[1] -= 1
+                return None
         return c
+
+    def _outcome(self, rid, c: SpecConfig, accepted: int) -> None:
+        """Back-off bookkeeping: after ``k`` consecutive steps without an accepted draft the
+        request decodes plainly (and does not draft) for ``min(backoff, 2**(k-1))`` steps."""
+        if not c.backoff:
+            return
+        b = self.backoff.setdefault(rid, [0, 0])
+        if accepted:
+            b[0] = 0
+        else:
+            b[0] += 1
+            b[1] = min(c.backoff, 2 ** min(b[0] - 1, 30))
 
     def release(self, rid) -> None:
         """Forget a finished request (its draft cache blocks return)."""
         self.state.pop(rid, None)
+        self.backoff.pop(rid, None)
         if self.drafter is not None:
             self.drafter.release(rid)
 
@@ -190,6 +209,8 @@ class SpecRunner:
             if n <= 1:
                 if c.method == "draft":
                     self.drafter.rollback(s.req.request_id, ctx, [0], tree.draft_pos)
+                if len(tree) <= 1:  # nothing drafted (no match, or pruned by min_prob)
+                    self._outcome(s.req.request_id, c, 0)
                 plans.append(None)
                 continue
             plans.append(self._plan(s, c, tree, ctx))
@@ -268,4 +289,5 @@ class SpecRunner:
             if p.cfg.method == "draft":
                 self.drafter.rollback(rid, p.ctx, path, p.tree.draft_pos)
             self.metrics.record(p.max_depth, L, len(p.tree))
+            self._outcome(rid, p.cfg, L - 1)
             out[idx[b]] = [p.tree.tokens[a] for a in path[1:]] + [bonus[b]]
