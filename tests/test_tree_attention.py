@@ -74,6 +74,7 @@ def test_matches_dense_masked_sdpa():
     """The engine's former path: gather the pages, unpack the mask, SDPA with it."""
     (q, cache, bt, ctx, tl, offs, mask), (parents, t) = sample_inputs(B=3, max_nodes=12,
                                                                      Hq=4, Hkv=2, seed=3)
+    assert torch.equal(ops.tree_mask_rows(t.mask, tl), mask)  # tree_build's rows, flat
     out = ops.paged_tree_attention(q, cache, bt, ctx, tl, offs, mask, 0.2)
     bs, D = cache.shape[2], cache.shape[-1]
     for b in range(3):
