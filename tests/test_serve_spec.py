@@ -146,3 +146,20 @@ def test_inference_system_use_speculative(models):
     steps = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
              if line.startswith('disagg_spec_verify_steps{pool="decode"}')]
     assert steps and steps[0] > 0
+
+
+def test_bad_server_options_fail_at_start(models, tmp_path):
+    import subprocess
+    import sys
+
+    from disagg.model.tiny import make_checkpoint
+
+    big = str(tmp_path / "big_vocab_draft")
+    make_checkpoint("llama", big, seed=1, num_hidden_layers=1, vocab_size=500)
+    for extra, word in ((["--spec-tree", "tree:3"], "bad tree shape"),
+                        (["--spec-min-prob", "1.5"], "min_prob"),
+                        (["--draft-model", big], "vocabulary")):
+        r = subprocess.run([sys.executable, "-m", "disagg.serve", "--model", models[0],
+                            "--speculative", "draft", "--draft-model", models[1], *extra],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode != 0 and word in r.stderr, (extra, r.stderr[-500:])

@@ -40,8 +40,16 @@ def check_args(args) -> None:
     if getattr(args, "speculative", "off") == "off":
         return
     try:
-        spec_config_from_args(args)
-    except ValueError as e:
+        cfg = spec_config_from_args(args)
+        if cfg.method == "draft":
+            from ..model import ModelConfig, resolve_model_path
+
+            dv = ModelConfig.from_file(resolve_model_path(cfg.draft_model)).vocab_size
+            tv = ModelConfig.from_file(resolve_model_path(args.model)).vocab_size
+            if dv > tv:
+                raise ValueError(f"--draft-model {cfg.draft_model!r} has a larger vocabulary "
+                                 f"({dv}) than --model ({tv}): they must share the tokenizer")
+    except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"disagg.serve: {e}")
 
 
