@@ -115,21 +115,12 @@ def test_disaggregated_decode_pool_speculation(models, offline):
         s.stop()
 
 
-def test_ngram_server_rejects_draft_requests(models, offline):
-    s = Server(models[0], "--speculative", "ngram", "--spec-tree", "chain:3", mode="colocated")
-    try:
-        assert _ids(s, PROMPTS[2], None) == offline[2]
-        code, body = s.post("/v1/completions", json.dumps(
-            {"prompt": "abc", "max_tokens": 2, "speculative": "draft"}).encode())
-        assert code == 400 and "--speculative draft" in body["error"]["message"]
-    finally:
-        s.stop()
-
-
 def test_inference_system_use_speculative(models):
     """The chapter's ``InferenceConfig(use_speculative=True)``: the decode pool speculates
-    (n-gram lookup for a model without the packaged draft) and the tokens do not change."""
+    (n-gram lookup for a model without the packaged draft) and the tokens do not change; a
+    server without a draft model refuses per-request ``draft``."""
     import time
+    import urllib.error
     import urllib.request
 
     from disagg import LLM, DisaggregatedInferenceSystem, InferenceConfig, SamplingParams
@@ -143,23 +134,32 @@ def test_inference_system_use_speculative(models):
         time.sleep(0.6)  # the decode rank's next stats report
         with urllib.request.urlopen(system.url + "/metrics", timeout=30) as r:
             text = r.read().decode()
+        req = urllib.request.Request(system.url + "/v1/completions", data=json.dumps(
+            {"prompt": "abc", "max_tokens": 2, "speculative": "draft"}).encode(),
+            headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(req, timeout=30)
+        assert err.value.code == 400
+        assert "--speculative draft" in json.loads(err.value.read())["error"]["message"]
     steps = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
              if line.startswith('disagg_spec_verify_steps{pool="decode"}')]
     assert steps and steps[0] > 0
 
 
 def test_bad_server_options_fail_at_start(models, tmp_path):
-    import subprocess
-    import sys
-
+    """Checked before any worker process starts (``main`` calls ``check_args`` first)."""
     from disagg.model.tiny import make_checkpoint
+    from disagg.serve.__main__ import build_parser
+    from disagg.serve.spec_options import check_args
 
     big = str(tmp_path / "big_vocab_draft")
     make_checkpoint("llama", big, seed=1, num_hidden_layers=1, vocab_size=500)
+    base = ["--model", models[0], "--speculative", "draft", "--draft-model", models[1]]
+    check_args(build_parser().parse_args(base))
     for extra, word in ((["--spec-tree", "tree:3"], "bad tree shape"),
                         (["--spec-min-prob", "1.5"], "min_prob"),
-                        (["--draft-model", big], "vocabulary")):
-        r = subprocess.run([sys.executable, "-m", "disagg.serve", "--model", models[0],
-                            "--speculative", "draft", "--draft-model", models[1], *extra],
-                           capture_output=True, text=True, timeout=120)
-        assert r.returncode != 0 and word in r.stderr, (extra, r.stderr[-500:])
+                        (["--spec-backoff", "-1"], "backoff"),
+                        (["--draft-model", big], "vocabulary"),
+                        (["--draft-model", str(tmp_path / "none")], "not found")):
+        with pytest.raises(SystemExit, match=word):
+            check_args(build_parser().parse_args(base + extra))
