@@ -106,14 +106,45 @@ DISAGG_MULTIVERSION static void scores(const float* q, const float* kT, int64_t 
   for (int64_t j = 0; j < n; ++j) s[j] += bias[j];  // 0 or -inf
 }
 
-// Online-softmax update of one query (running max, sum, weighted values) with a tile of
-// scores s, overwritten by the weights; a tile with nothing visible changes nothing.
-DISAGG_MULTIVERSION static void update(float* s, int64_t n, float* mx, float* sum, float* acc,
-                                       int64_t D, const float* v) {
+// The same for four queries at once, 16 keys at a time: each key load feeds four
+// accumulators held in registers. Columns of kT from n up to the next multiple of 16 are
+// read but their results are dropped.
+DISAGG_MULTIVERSION static void scores4(const float* q, const float* kT, int64_t D, int64_t n,
+                                        const float* const* bias, float* s) {
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {
+    float a0[16] = {}, a1[16] = {}, a2[16] = {}, a3[16] = {};
+    for (int64_t d = 0; d < D; ++d) {
+      const float* kd = kT + d * kTile + j0;
+      const float q0 = q[d], q1 = q[D + d], q2 = q[2 * D + d], q3 = q[3 * D + d];
+      for (int jj = 0; jj < 16; ++jj) {
+        const float k = kd[jj];
+        a0[jj] += q0 * k;
+        a1[jj] += q1 * k;
+        a2[jj] += q2 * k;
+        a3[jj] += q3 * k;
+      }
+    }
+    const int64_t m = std::min<int64_t>(16, n - j0);
+    for (int64_t jj = 0; jj < m; ++jj) {
+      s[j0 + jj] = a0[jj] + bias[0][j0 + jj];
+      s[kTile + j0 + jj] = a1[jj] + bias[1][j0 + jj];
+      s[2 * kTile + j0 + jj] = a2[jj] + bias[2][j0 + jj];
+      s[3 * kTile + j0 + jj] = a3[jj] + bias[3][j0 + jj];
+    }
+  }
+}
+
+// Online-softmax step of one query for a tile of scores s (overwritten by the weights, all 0
+// when nothing in the tile is visible): new running max and sum, acc rescaled to the new max.
+DISAGG_MULTIVERSION static void softmax_step(float* s, int64_t n, float* mx, float* sum,
+                                             float* acc, int64_t D) {
   float m = *mx;
 #pragma omp simd reduction(max : m)
   for (int64_t j = 0; j < n; ++j) m = std::max(m, s[j]);
-  if (m == -INFINITY) return;  // nothing visible yet
+  if (m == -INFINITY) {  // nothing visible yet
+    for (int64_t j = 0; j < n; ++j) s[j] = 0.f;
+    return;
+  }
   const float corr = detail::exp_nonpos(*mx - m);  // 0 on the first visible tile (mx = -inf)
   float total = 0.f;
 #pragma omp simd reduction(+ : total)
@@ -125,12 +156,40 @@ DISAGG_MULTIVERSION static void update(float* s, int64_t n, float* mx, float* su
     for (int64_t d = 0; d < D; ++d) acc[d] *= corr;
   *sum = *sum * corr + total;
   *mx = m;
+}
+
+// acc_k += sum_j w_k[j] * v_j for `nqv` (1..4) queries (rows of acc, stride D; weights stride
+// kTile): each value row is loaded once for all of them.
+DISAGG_MULTIVERSION static void accumulate(float* acc, const float* w, int64_t nqv,
+                                           const float* vt, int64_t n, int64_t D) {
+  float* a0 = acc;
+  float* a1 = acc + (nqv > 1 ? D : 0);
+  float* a2 = acc + (nqv > 2 ? 2 * D : 0);
+  float* a3 = acc + (nqv > 3 ? 3 * D : 0);
   for (int64_t j = 0; j < n; ++j) {
-    const float w = s[j];
-    if (w == 0.f) continue;
-    const float* vj = v + j * D;
+    const float w0 = w[j];
+    const float w1 = nqv > 1 ? w[kTile + j] : 0.f;
+    const float w2 = nqv > 2 ? w[2 * kTile + j] : 0.f;
+    const float w3 = nqv > 3 ? w[3 * kTile + j] : 0.f;
+    if (w0 == 0.f && w1 == 0.f && w2 == 0.f && w3 == 0.f) continue;
+    const float* vj = vt + j * D;
+    if (nqv == 4) {
 #pragma omp simd
-    for (int64_t d = 0; d < D; ++d) acc[d] += w * vj[d];
+      for (int64_t d = 0; d < D; ++d) {
+        const float v = vj[d];
+        a0[d] += w0 * v;
+        a1[d] += w1 * v;
+        a2[d] += w2 * v;
+        a3[d] += w3 * v;
+      }
+    } else {
+      for (int64_t k = 0; k < nqv; ++k) {
+        const float wk = w[k * kTile + j];
+        float* ak = acc + k * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) ak[d] += wk * vj[d];
+      }
+    }
   }
 }
 
@@ -174,7 +233,7 @@ Status paged_tree_attention_cpu(const T* q, int64_t Tq, int64_t Hq, int64_t D, c
     const int64_t ntree = static_cast<int64_t>(tree_lens[b]);
     const Idx* table = block_tables + b * max_blocks;
     const int64_t Q = nq * G;  // query vectors of this (sequence, KV head), row-major (r, g)
-    std::vector<float> qf(Q * D), acc(Q * D, 0.f), mx(Q, -INFINITY), sum(Q, 0.f), s(kTile);
+    std::vector<float> qf(Q * D), acc(Q * D, 0.f), mx(Q, -INFINITY), sum(Q, 0.f), s(4 * kTile);
     std::vector<float> kT(D * kTile), vt(kTile * D), bias(nq * kTile);
     std::vector<int64_t> qpos(nq), lo(nq);  // query position; first visible context key
     int64_t lo_min = ctx;
@@ -203,11 +262,21 @@ Status paged_tree_attention_cpu(const T* q, int64_t Tq, int64_t Hq, int64_t D, c
           vt[j * D + d] = to_float(v[d]);
         }
       }
-      for (int64_t i = 0; i < Q; ++i) {
+      int64_t i = 0;
+      for (; i + 4 <= Q; i += 4) {
+        const float* bq[4];
+        for (int k = 0; k < 4; ++k) bq[k] = bias.data() + ((i + k) / G) * kTile;
+        tree_attention_detail::scores4(qf.data() + i * D, kT.data(), D, n, bq, s.data());
+        for (int k = 0; k < 4; ++k)
+          tree_attention_detail::softmax_step(s.data() + k * kTile, n, &mx[i + k], &sum[i + k],
+                                              acc.data() + (i + k) * D, D);
+        tree_attention_detail::accumulate(acc.data() + i * D, s.data(), 4, vt.data(), n, D);
+      }
+      for (; i < Q; ++i) {
         tree_attention_detail::scores(qf.data() + i * D, kT.data(), D, n,
                                       bias.data() + (i / G) * kTile, s.data());
-        tree_attention_detail::update(s.data(), n, &mx[i], &sum[i], acc.data() + i * D, D,
-                                      vt.data());
+        tree_attention_detail::softmax_step(s.data(), n, &mx[i], &sum[i], acc.data() + i * D, D);
+        tree_attention_detail::accumulate(acc.data() + i * D, s.data(), 1, vt.data(), n, D);
       }
     };
     // The committed context (shared by every node of the tree).
