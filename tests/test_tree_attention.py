@@ -70,6 +70,15 @@ def test_query_subsets_long_context_and_mha(window):
     torch.testing.assert_close(ops.paged_tree_attention(*args2, 0.3, window), out)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_odd_sizes(dtype):
+    """head_dim and query counts off the kernel's 4-query / 16-key blocks, GQA group 2."""
+    args, _ = sample_inputs(dtype, B=5, Hq=6, Hkv=3, D=20, bs=3, max_ctx=70, max_nodes=11,
+                            subset=True, seed=11)
+    torch.testing.assert_close(ops.paged_tree_attention(*args, 0.21, 6),
+                               reference.paged_tree_attention(*args, 0.21, 6), **TOL[dtype])
+
+
 def test_matches_dense_masked_sdpa():
     """The engine's former path: gather the pages, unpack the mask, SDPA with it."""
     (q, cache, bt, ctx, tl, offs, mask), (parents, t) = sample_inputs(B=3, max_nodes=12,
