@@ -70,4 +70,13 @@ TORCH_LIBRARY(disagg, m) {
   m.def(
       "paged_decode_attention(Tensor q, Tensor kv_cache, Tensor block_tables, Tensor ctx_lens, "
       "float scale, int sliding_window=0) -> Tensor");
+
+  // ---- Tree attention (speculative decoding) -----------------------------------------------
+  // q [T,Hq,D] (rows of sequence b: q_offsets[b]..q_offsets[b+1]), kv_cache [NB,2,bs,Hkv,D],
+  // block_tables [B,M], ctx_lens [B] committed keys, tree_lens [B] tree keys after them,
+  // q_offsets [B+1], tree_mask [T,W] int32 bit words (tree keys each query sees) -> [T,Hq,D]
+  m.def(
+      "paged_tree_attention(Tensor q, Tensor kv_cache, Tensor block_tables, Tensor ctx_lens, "
+      "Tensor tree_lens, Tensor q_offsets, Tensor tree_mask, float scale, int sliding_window=0)"
+      " -> Tensor");
 }

@@ -114,6 +114,61 @@ def test_greedy_mixed_batch(target, draft, reference):
             assert eng.spec_metrics()["acceptance_length"] > 3
 
 
+def test_min_prob_prunes_without_changing_tokens(target, draft, reference):
+    """Nodes the draft finds unlikely are not proposed: fewer nodes per step, same tokens."""
+    ps, want = reference
+    nodes = {}
+    for mp in (0.0, 0.3):
+        eng = Engine(target, dtype="float32", block_size=4, speculative=SpecConfig(
+            "draft", tree="static:3,2,1", draft_model=draft, min_prob=mp))
+        assert generate(eng, ps, SamplingParams(max_tokens=24, **GREEDY)) == want
+        m = eng.spec_metrics()
+        nodes[mp] = m["draft_nodes"] / max(1, m["verify_steps"])
+        assert_no_leaks(eng)
+    assert nodes[0.3] < nodes[0.0] == 15
+    with pytest.raises(ValueError, match="min_prob"):
+        SpecConfig("draft", min_prob=1.5)
+
+
+def test_backoff_skips_drafting_without_changing_tokens(target, draft, reference):
+    """With a draft that rarely agrees, backing off drafts fewer trees; tokens are the same,
+    and a draft that always agrees (the target itself) never backs off."""
+    ps, want = reference
+    steps = {}
+    for bo in (0, 8):
+        eng = Engine(target, dtype="float32", block_size=4, speculative=SpecConfig(
+            "draft", tree="chain:3", draft_model=draft, backoff=bo))
+        assert generate(eng, ps, SamplingParams(max_tokens=24, **GREEDY)) == want
+        steps[bo] = eng.spec_metrics()["verify_steps"]
+        assert_no_leaks(eng)
+        assert not eng.spec.backoff
+    assert 0 < steps[8] < steps[0]
+    tmodel = CausalLM.from_pretrained(target, dtype="float32")
+    eng = Engine(target, dtype="float32", block_size=4, speculative=SpecConfig(
+        "draft", tree="chain:3", draft_model=tmodel, backoff=8))
+    assert generate(eng, ps[:2], SamplingParams(max_tokens=24, **GREEDY)) == want[:2]
+    assert eng.spec_metrics()["acceptance_length"] > 3
+    with pytest.raises(ValueError, match="backoff"):
+        SpecConfig("ngram", backoff=-1)
+
+
+def test_sliding_window_trees(tmp_path, draft):
+    """A target with a sliding window shorter than the sequences: the tree attention's window
+    (and the draft's, drafting for itself) matches plain decoding."""
+    path = str(tmp_path / "sw")
+    make_checkpoint("mixtral", path, seed=11, sliding_window=5)
+    ps = prompts(4, seed=2)
+    want = generate(Engine(path, dtype="float32", block_size=4), ps,
+                    SamplingParams(max_tokens=20, **GREEDY))
+    tmodel = CausalLM.from_pretrained(path, dtype="float32")
+    assert tmodel.config.sliding_window == 5
+    for dm, tree in ((draft, "static:2,2,1"), (tmodel, "dynamic:8,4,2"), (tmodel, "chain:3")):
+        eng = Engine(path, dtype="float32", block_size=4,
+                     speculative=SpecConfig("draft", tree=tree, draft_model=dm))
+        assert generate(eng, ps, SamplingParams(max_tokens=20, **GREEDY)) == want
+        assert_no_leaks(eng)
+
+
 def test_kv_matches_plain_decoding(target, draft):
     """After many speculative steps with rejections, the target's and the draft's caches hold
     what plain decoding of the same tokens would."""

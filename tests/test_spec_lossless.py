@@ -104,21 +104,24 @@ def sample_sequences(engine, params_of, n):
     ("draft:static:2,2", 1.0, 0, 1.0),
     ("draft:static:2,2:stochastic", 1.3, 0, 1.0),
     ("draft:dynamic:6,3,2", 0.8, 3, 0.9),
+    ("draft:static:2,1:backoff", 1.0, 0, 1.0),  # min_prob pruning and back-off
 ])
 def test_speculative_sampling_is_lossless(models, spec, temperature, top_k, top_p):
     t, d, hf = models
     method, tree = spec.split(":", 1)
     stochastic = tree.endswith(":stochastic")
-    tree = tree.replace(":stochastic", "")
+    backoff = tree.endswith(":backoff")
+    tree = tree.replace(":stochastic", "").replace(":backoff", "")
     cfg = SpecConfig(method, tree=tree, stochastic=stochastic,
-                     draft_model=d if method == "draft" else None)
+                     draft_model=d if method == "draft" else None,
+                     min_prob=0.2 if backoff else 0.0, backoff=4 if backoff else 0)
     eng = Engine(t, dtype="float32", block_size=4, max_num_seqs=300,
                  max_num_batched_tokens=4096, speculative=cfg)
     counts = sample_sequences(eng, lambda i: SamplingParams(
         temperature=temperature, top_k=top_k, top_p=top_p, seed=1000 + i, max_tokens=L,
         ignore_eos=True), TRIALS)
     m = eng.spec_metrics()
-    assert m["verify_steps"] >= TRIALS // 2
+    assert m["verify_steps"] >= (TRIALS // 4 if backoff else TRIALS // 2)
     probs = exact_distribution(hf, temperature, top_k, top_p)
     assert chi_square_pvalue(counts, probs, TRIALS) > 1e-3
     assert eng.kv.num_free_blocks == eng.kv.num_blocks

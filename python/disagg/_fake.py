@@ -121,3 +121,14 @@ def _tree_verify_sample_fake(logits, tokens, parents, num_nodes, temperature, to
 def _paged_decode_attention_fake(q, kv_cache, block_tables, ctx_lens, scale, sliding_window=0):
     torch._check(q.dim() == 3, lambda: "disagg.paged_decode_attention: q must be 3-D [B, Hq, D]")
     return torch.empty_like(q)
+
+# ---- Tree attention (speculative decoding) ---------------------------------------------------
+
+
+@register_fake("disagg::paged_tree_attention")
+def _paged_tree_attention_fake(q, kv_cache, block_tables, ctx_lens, tree_lens, q_offsets,
+                               tree_mask, scale, sliding_window=0):
+    torch._check(q.dim() == 3, lambda: "disagg.paged_tree_attention: q must be 3-D [T, Hq, D]")
+    torch._check(tree_mask.dim() == 2,
+                 lambda: "disagg.paged_tree_attention: tree_mask must be 2-D [T, W]")
+    return torch.empty_like(q)

@@ -484,3 +484,66 @@ def paged_decode_attention(
     Tensor [B, Hq, D] in q's dtype; query head ``h`` uses KV head ``h // (Hq // Hkv)``.
     """
     return _ops.paged_decode_attention(q, kv_cache, block_tables, ctx_lens, scale, sliding_window)
+
+# ---- Tree attention (speculative decoding) ---------------------------------------------------
+
+
+def paged_tree_attention(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    ctx_lens: torch.Tensor,
+    tree_lens: torch.Tensor,
+    q_offsets: torch.Tensor,
+    tree_mask: torch.Tensor,
+    scale: float,
+    sliding_window: int = 0,
+) -> torch.Tensor:
+    """Token-tree attention straight from a paged KV cache (no gather of the pages).
+
+    Sequence ``b`` owns query rows ``q_offsets[b]:q_offsets[b+1]``. Its cache holds
+    ``ctx_lens[b]`` committed tokens, then ``tree_lens[b]`` tree nodes (their K/V already
+    written at cache positions ``ctx .. ctx + tree_len - 1``). Every query sees all committed
+    keys, and the tree keys whose bit is set in its ``tree_mask`` row: its ancestors and
+    itself (``tree_build``'s ancestor mask, one row per query).
+
+    Parameters
+    ----------
+    q : Tensor [T, Hq, D]
+        The queries of every sequence's tree nodes, flat (float32, bfloat16 or float16).
+    kv_cache : Tensor [num_blocks, 2, block_size, Hkv, D]
+        One layer of a ``PagedKVCache``, q's dtype.
+    block_tables : Tensor [B, max_blocks] int32 or int64
+        Blocks of each sequence in order (covering ``ctx + tree_len`` positions).
+    ctx_lens, tree_lens : Tensor [B], block_tables' dtype
+        Committed keys and tree keys per sequence (``>= 0``).
+    q_offsets : Tensor [B + 1], block_tables' dtype
+        Query rows per sequence, ``q_offsets[0] == 0``, ``q_offsets[B] == T``; a sequence
+        may have fewer queries than tree keys (the draft model queries one depth at a time).
+    tree_mask : Tensor [T, W] int32
+        Bit ``j % 32`` of word ``j // 32`` set iff the query sees tree key ``j``; every row
+        sets at least one bit, none at or past ``tree_lens[b]``. Ancestors precede their
+        descendants, so the ``k``-th set bit of a row is at RoPE position ``ctx + k`` and
+        the query at ``ctx + popcount(row) - 1`` (used by the sliding window).
+    scale : float
+        Softmax scale, usually ``D ** -0.5``.
+    sliding_window : int
+        If > 0, a query at position ``p`` sees keys at positions ``> p - sliding_window``.
+
+    Returns
+    -------
+    Tensor [T, Hq, D] in q's dtype; query head ``h`` uses KV head ``h // (Hq // Hkv)``.
+    """
+    return _ops.paged_tree_attention(q, kv_cache, block_tables, ctx_lens, tree_lens, q_offsets,
+                                     tree_mask, scale, sliding_window)
+
+
+def tree_mask_rows(mask: torch.Tensor, num_nodes) -> torch.Tensor:
+    """``tree_build``'s ``mask [B, N, W]`` as the ``[T, W]`` rows of ``paged_tree_attention``
+    (the first ``num_nodes[b]`` rows of each request, in order)."""
+    B, N, W = mask.shape
+    n = torch.as_tensor(num_nodes, dtype=torch.long).reshape(-1)
+    if bool((n == N).all()):
+        return mask.reshape(B * N, W)
+    keep = torch.arange(N)[None, :] < n[:, None]
+    return mask[keep]

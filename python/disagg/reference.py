@@ -527,3 +527,37 @@ def paged_decode_attention(q, kv_cache, block_tables, ctx_lens, scale, sliding_w
         s = torch.einsum("hd,nhd->hn", q[b].float() * scale, k)
         out[b] = torch.einsum("hn,nhd->hd", s.softmax(-1), v).to(q.dtype)
     return out
+
+# ---- Tree attention (speculative decoding) ---------------------------------------------------
+
+
+def paged_tree_attention(q, kv_cache, block_tables, ctx_lens, tree_lens, q_offsets, tree_mask,
+                         scale, sliding_window=0):
+    """Gather each sequence's pages, unpack the tree mask, dense masked softmax in float32."""
+    T, Hq, D = q.shape
+    bs, Hkv = kv_cache.shape[2], kv_cache.shape[3]
+    G = Hq // Hkv
+    out = torch.empty_like(q)
+    W = tree_mask.shape[1]
+    for b in range(block_tables.shape[0]):
+        c, n = int(ctx_lens[b]), int(tree_lens[b])
+        q0, q1 = int(q_offsets[b]), int(q_offsets[b + 1])
+        if q1 == q0:
+            continue
+        L = c + n
+        blocks = block_tables[b, : (L + bs - 1) // bs].long()
+        k = kv_cache[blocks, 0].reshape(-1, Hkv, D)[:L].float().repeat_interleave(G, dim=1)
+        v = kv_cache[blocks, 1].reshape(-1, Hkv, D)[:L].float().repeat_interleave(G, dim=1)
+        words = tree_mask[q0:q1].long() & 0xFFFFFFFF
+        bits = ((words[:, :, None] >> torch.arange(32)) & 1).bool().reshape(q1 - q0, 32 * W)
+        tree = bits[:, :n]
+        vis = torch.cat([torch.ones(q1 - q0, c, dtype=torch.bool), tree], 1)
+        if sliding_window > 0:
+            depth = tree.long().cumsum(1) - 1  # k-th set bit sits at position ctx + k
+            qpos = c + tree.sum(1) - 1
+            kpos = torch.cat([torch.arange(c)[None].expand(q1 - q0, c), c + depth], 1)
+            vis &= kpos > (qpos[:, None] - sliding_window)
+        s = torch.einsum("thd,nhd->thn", q[q0:q1].float() * scale, k)
+        s = s.masked_fill(~vis[:, None, :], float("-inf"))
+        out[q0:q1] = torch.einsum("thn,nhd->thd", s.softmax(-1), v).to(q.dtype)
+    return out

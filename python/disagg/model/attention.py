@@ -16,14 +16,25 @@ from .. import ops
 
 
 @dataclass
+class TreeMask:
+    """Which keys the queries of a token-tree chunk see, for ``paged_tree_attention``: all
+    ``ctx`` committed keys, then the tree keys (cache positions ``ctx + j``) whose bit ``j`` is
+    set in the query's row of ``bits [q_len, W]`` int32 (``tree_build``'s ancestor mask). The
+    chunk's queries are its last ``q_len`` tree keys."""
+
+    ctx: int
+    bits: torch.Tensor
+
+
+@dataclass
 class PrefillChunk:
     start: int  # first row of the chunk in the flat batch
     q_len: int  # new tokens in the chunk
     ctx_len: int  # tokens of the sequence once the chunk is written (earlier ones + q_len)
     block_table: torch.Tensor  # [num_blocks] int64, blocks holding positions 0..ctx_len-1
-    # Optional boolean [q_len, ctx_len]: which cached keys each new token sees. Token-tree
-    # verification needs it (a node sees the context and its ancestors only); None = causal.
-    mask: Optional[torch.Tensor] = None
+    # Optional boolean [q_len, ctx_len]: which cached keys each new token sees, or a TreeMask
+    # (token trees: a node sees the context and its ancestors only); None = causal.
+    mask: Optional[object] = None
 
 
 @dataclass
@@ -44,32 +55,37 @@ class AttentionMetadata:
     _trees: Optional[tuple] = None  # tree_batch() cache
 
     def tree_batch(self) -> Optional[tuple]:
-        """The masked chunks (token trees) padded into one batch, computed once per step:
-        ``(block_tables [T, nblk], mask [T, 1, Q, nblk*bs], q_rows [T*Q], valid [T*Q],
-        out_rows)``; None when fewer than two chunks carry masks (one SDPA call per tree is
-        as cheap then)."""
-        trees = [c for c in self.prefills if c.mask is not None]
-        if len(trees) < 2:
-            return None
+        """The ``TreeMask`` chunks (token trees) as ``paged_tree_attention`` arguments,
+        computed once per step: ``(q_rows, block_tables, ctx_lens, tree_lens, q_offsets,
+        bits)``, ``q_rows`` a slice when the chunks' rows are contiguous; None without trees."""
         if self._trees is None:
+            trees = [c for c in self.prefills if isinstance(c.mask, TreeMask)]
+            if not trees:
+                self._trees = ()
+                return None
             bs = self.block_size
-            T, Q = len(trees), max(c.q_len for c in trees)
             nblk = max(-(-c.ctx_len // bs) for c in trees)
-            tables = torch.zeros(T, nblk, dtype=torch.int64)
-            mask = torch.zeros(T, 1, Q, nblk * bs, dtype=torch.bool)
-            mask[:, :, :, 0] = True  # padding query rows attend somewhere (no NaN), unused
-            q_rows = torch.zeros(T, Q, dtype=torch.int64)
-            valid = torch.zeros(T, Q, dtype=torch.bool)
+            W = max(c.mask.bits.shape[1] for c in trees)
+            tables = torch.zeros(len(trees), nblk, dtype=torch.int64)
+            ctx, tl, offs, rows = [], [], [0], []
             for t, c in enumerate(trees):
                 nb = -(-c.ctx_len // bs)
                 tables[t, :nb] = c.block_table[:nb]
-                mask[t, 0, :c.q_len] = False
-                mask[t, 0, :c.q_len, :c.ctx_len] = c.mask
-                q_rows[t, :c.q_len] = torch.arange(c.start, c.start + c.q_len)
-                valid[t, :c.q_len] = True
-            q_rows, valid = q_rows.flatten(), valid.flatten()
-            self._trees = (tables, mask, q_rows, valid, q_rows[valid])
-        return self._trees
+                ctx.append(c.mask.ctx)
+                tl.append(c.ctx_len - c.mask.ctx)
+                offs.append(offs[-1] + c.q_len)
+                rows.append((c.start, c.q_len))
+            bits = [c.mask.bits for c in trees]
+            if any(b.shape[1] != W for b in bits):
+                bits = [torch.nn.functional.pad(b, (0, W - b.shape[1])) for b in bits]
+            if all(rows[k][0] == rows[k - 1][0] + rows[k - 1][1] for k in range(1, len(rows))):
+                q_rows = slice(rows[0][0], rows[0][0] + offs[-1])
+            else:
+                q_rows = torch.cat([torch.arange(a, a + n) for a, n in rows])
+            self._trees = (q_rows, tables, torch.tensor(ctx, dtype=torch.int64),
+                           torch.tensor(tl, dtype=torch.int64),
+                           torch.tensor(offs, dtype=torch.int64), torch.cat(bits))
+        return self._trees or None
 
     def cache_rows(self) -> torch.Tensor:
         """Where the new tokens' K and V go in a layer cache viewed as ``[NB*2*bs, Hkv, D]``;
@@ -85,9 +101,10 @@ class AttentionMetadata:
               sliding_window: Optional[int] = None) -> "AttentionMetadata":
         """From ``(q_len, ctx_len, block_table)`` per sequence, in row order, where
         ``block_table`` is a list or tensor of block ids; all sequences with ``q_len == 1``
-        must come first (they are batched as decode). An optional fourth element, a boolean
-        ``[q_len, ctx_len]`` mask, replaces the causal mask of that sequence (token trees);
-        such sequences are never batched as decode."""
+        must come first (they are batched as decode). An optional fourth element, a
+        :class:`TreeMask` (token trees, read in place by ``paged_tree_attention``) or a boolean
+        ``[q_len, ctx_len]`` mask, replaces the causal mask of that sequence; such sequences
+        are never batched as decode."""
         meta = cls(slot_mapping=slot_mapping, block_size=block_size,
                    sliding_window=sliding_window)
         nd = 0
@@ -145,18 +162,12 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: to
         out[:nd] = decode_attention(q[:nd], cache, meta, scale)
     trees = meta.tree_batch()
     if trees is not None:
-        # Several token trees: one padded gather and one SDPA call for all of them.
-        tables, mask, q_rows, valid, out_rows = trees
-        T, Q = mask.shape[0], mask.shape[2]
-        d = q.shape[-1]
-        kc = cache[tables, 0].reshape(T, -1, hkv, d).transpose(1, 2)
-        vc = cache[tables, 1].reshape(T, -1, hkv, d).transpose(1, 2)
-        qb = q[q_rows].view(T, Q, hq, d).transpose(1, 2)
-        o = F.scaled_dot_product_attention(qb, kc, vc, attn_mask=mask, scale=scale,
-                                           enable_gqa=gqa)
-        out[out_rows] = o.transpose(1, 2).reshape(T * Q, hq, d)[valid]
+        # Every token tree of the step in one call, reading the pages in place.
+        q_rows, tables, ctx, tl, offs, bits = trees
+        out[q_rows] = ops.paged_tree_attention(q[q_rows], cache, tables, ctx, tl, offs, bits,
+                                               scale, meta.sliding_window or 0)
     for c in meta.prefills:
-        if c.mask is not None and trees is not None:
+        if isinstance(c.mask, TreeMask):
             continue
         qc = q[c.start:c.start + c.q_len].transpose(0, 1)[None]  # [1, Hq, q, D]
         if c.mask is not None:

@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads-per-worker", type=int, default=1,
                    help="torch intra-op threads per rank (1 = one core per process)")
     p.add_argument("--log-level", default="WARNING")
+    from .spec_options import add_args as add_spec_args
+    add_spec_args(p)
     return p
 
 
@@ -103,6 +105,8 @@ def _self_launch(args, argv) -> list:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    from .spec_options import check_args
+    check_args(args)
     logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.WARNING),
                         format="%(asctime)s %(levelname)s [rank " + os.environ.get("RANK", "0")
                         + "] %(name)s: %(message)s")
@@ -115,6 +119,10 @@ def main(argv=None) -> int:
     if world != world_size(units):
         raise SystemExit(f"disagg.serve: world size {world} != {world_size(units)} (1 + the "
                          f"ranks of {args.prefill} prefill and {args.decode} decode units)")
+    if getattr(args, "speculative", "off") != "off" and any(
+            u.size > 1 and u.role != "prefill" for u in units):
+        raise SystemExit("disagg.serve: --speculative needs one-rank decode/colocated units "
+                         "(no --decode-tp/--decode-ep > 1 with speculation in this version)")
     if args.kv_retries < 0 or args.kv_layers_per_send < 0:
         raise SystemExit("disagg.serve: --kv-retries and --kv-layers-per-send must be >= 0")
     if args.kv_transport == "nixl" and args.mode == "disaggregated":
@@ -178,10 +186,11 @@ def _make_engine(args, unit, rank_groups, bs):
     """This rank's engine: the plain one for a one-rank unit, else its share of the model
     under the unit's layout (TP/EP collectives over the unit's groups)."""
     from ..engine import Engine
+    from .spec_options import engine_speculative
 
     kw = dict(block_size=bs, num_blocks=args.num_blocks, max_model_len=args.max_model_len,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              enable_chunked_prefill=True)
+              enable_chunked_prefill=True, speculative=engine_speculative(args, unit.role))
     if unit.size == 1:
         return Engine(args.model, dtype=args.dtype, **kw)
     import math

@@ -48,6 +48,7 @@ import torch
 
 from ..kv import OutOfBlocksError
 from ..parallel.layout import ParallelLayout, RankGroups, kv_head_range
+from . import spec_options
 from .worker import params_from_json
 
 log = logging.getLogger(__name__)
@@ -345,7 +346,7 @@ class PoolWorker:
         if op == "add":
             if not mine:
                 return
-            params = params_from_json(msg.get("params", {}))
+            params = params_from_json(msg.get("params", {}), self.engine)
             if self.role == "prefill":
                 kv = msg["kv"]
                 self.handoff[rid] = {"tag": int(kv["tag"]), "dst": list(kv["decode_ranks"]),
@@ -353,6 +354,7 @@ class PoolWorker:
                                      "nbytes": 0, "ok": True, "error": None, "spans": [],
                                      "t_compute": None, "seconds": 0.0, "token_sent": False}
                 params.max_tokens = 1
+                params.speculative = None  # the decode rank speculates
             try:
                 self.engine.add_request({"prompt_token_ids": msg["prompt_token_ids"]}, params,
                                         request_id=rid, callback=lambda out: None)
@@ -591,7 +593,7 @@ class PoolWorker:
         m = e.msg
         try:
             self.engine.add_request_from_kv(m["prompt_token_ids"], e.token[1], None,
-                                            params_from_json(m.get("params", {})),
+                                            params_from_json(m.get("params", {}), self.engine),
                                             request_id=e.rid, callback=lambda out: None)
         except ValueError as err:
             if self.engine.kv.has(e.rid) and e.rid not in self.engine.requests:
@@ -609,7 +611,7 @@ class PoolWorker:
         self.prefix[rid] = streamed
         try:
             self.engine.add_request({"prompt_token_ids": list(msg["prompt_token_ids"]) + streamed},
-                                    params_from_json(p), request_id=rid,
+                                    params_from_json(p, self.engine), request_id=rid,
                                     callback=lambda out: None)
         except ValueError as e:
             self.prefix.pop(rid, None)
@@ -624,7 +626,8 @@ class PoolWorker:
         return {"op": "stats", "rank": self.rank, "running": len(sch.running),
                 "waiting": len(sch.waiting) + sum(1 for e in self.expect.values() if e.mine),
                 "num_blocks": kv.num_blocks, "free_blocks": kv.num_free_blocks,
-                "requests_with_kv": len(kv.request_ids())}
+                "requests_with_kv": len(kv.request_ids()),
+                **spec_options.worker_stats(self.engine, self.role)}
 
     def _emit(self, outs: list) -> None:
         if not self.replica_leader:

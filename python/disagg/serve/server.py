@@ -26,6 +26,7 @@ from typing import Optional
 
 from aiohttp import web
 
+from . import spec_options
 from .metrics import Metrics
 from .protocol import MAX_LINE, decode, encode
 
@@ -453,6 +454,7 @@ class Frontend:
                        ("disagg_kv_blocks_used", lab, p["used"]),
                        ("disagg_kv_blocks_total", lab, p["total"]),
                        ("disagg_kv_cache_usage_ratio", lab, p["used"] / max(1, p["total"]))]
+        gauges += spec_options.gauges(self.roles, self.stats)
         gauges.append(("disagg_frontend_requests_in_flight", {}, len(self.reqs)))
         gauges.append(("disagg_workers_down", {}, len(self.dead)))
         return web.Response(text=self.metrics.render(gauges),
@@ -499,6 +501,12 @@ class Frontend:
         params = {k: data[k] for k in _SAMPLING_KEYS if data.get(k) is not None}
         if "temperature" not in params:
             params["temperature"] = 1.0
+        try:
+            spec = spec_options.parse_request(data, self.args)
+        except ValueError as e:
+            raise HTTPError(400, str(e))
+        if spec is not None:
+            params["speculative"] = spec
         try:  # validate here so bad values are a 400 and never reach a worker
             from .worker import params_from_json
             params_from_json(dict(params, max_tokens=mt)).validate()

@@ -31,7 +31,8 @@ class InferenceConfig:
     num_experts : int
         Experts per MoE layer of the described model (informational, reported back).
     use_speculative : bool
-        Recorded; the serving path decodes without speculation in this version.
+        The decode pool speculates: with the packaged draft model for ``model="default"``,
+        n-gram lookup otherwise (``extra_args`` with ``--speculative ...`` take precedence).
     model : str
         ``"default"`` or a HF-format folder.
     mode : {"disaggregated", "colocated"}
@@ -94,12 +95,15 @@ class DisaggregatedInferenceSystem:
         port = c.port or _free_port()
         self.url = f"http://127.0.0.1:{port}"
         env = dict(os.environ, OMP_NUM_THREADS="1")
+        spec = []
+        if c.use_speculative and "--speculative" not in map(str, c.extra_args):
+            spec = ["--speculative", "draft" if c.model == "default" else "ngram"]
         for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
             env.pop(k, None)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "disagg.serve", "--model", c.model, "--prefill",
              str(self.num_prefill), "--decode", str(self.num_decode), "--mode", c.mode,
-             "--port", str(port), *map(str, c.extra_args)],
+             "--port", str(port), *spec, *map(str, c.extra_args)],
             env=env, start_new_session=True, stdout=subprocess.DEVNULL)
         t0 = time.monotonic()
         while time.monotonic() - t0 < c.startup_timeout_s:

@@ -111,6 +111,17 @@ class SpecConfig:
         candidates (deterministic proposals). Both are lossless.
     ngram_max, ngram_min : int
         Longest and shortest suffix matched by prompt lookup.
+    min_prob : float
+        Draft model, deterministic drafts: a child whose draft probability (given its parent)
+        is below this is not proposed, nor expanded, so the tree shrinks, down to plain
+        decoding, where the draft is unsure. 0 keeps the full shape. Tokens never change
+        (verification decides); only the work per step does.
+    backoff : int
+        After ``k`` steps in a row that accept no draft (or draft nothing), the request
+        decodes plainly, without drafting, for ``min(backoff, 2**(k-1))`` steps; an accepted
+        draft resets it. 0 (default) always speculates. Where the drafter rarely agrees with
+        the target this bounds the loss to a probing step now and then. Lossless: whether a
+        step speculates depends only on earlier steps.
     """
 
     method: str = "off"
@@ -119,11 +130,18 @@ class SpecConfig:
     stochastic: bool = False
     ngram_max: int = 4
     ngram_min: int = 1
+    min_prob: float = 0.0
+    backoff: int = 0
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"SpecConfig.method must be one of {METHODS}, got {self.method!r}")
         self.tree = TreeShape.parse(self.tree)
+        if not (isinstance(self.min_prob, (int, float)) and 0 <= self.min_prob < 1):
+            raise ValueError(f"SpecConfig.min_prob must be in [0, 1), got {self.min_prob!r}")
+        if isinstance(self.backoff, bool) or not isinstance(self.backoff, int) or \
+                self.backoff < 0:
+            raise ValueError(f"SpecConfig.backoff must be an int >= 0, got {self.backoff!r}")
         if not 1 <= self.ngram_min <= self.ngram_max:
             raise ValueError("SpecConfig: need 1 <= ngram_min <= ngram_max, got "
                              f"{self.ngram_min}, {self.ngram_max}")
@@ -149,6 +167,11 @@ def add_spec_args(parser) -> None:
                         help="draft model folder for --speculative draft")
     parser.add_argument("--spec-stochastic", action="store_true",
                         help="sampled requests draw draft children from the draft distribution")
+    parser.add_argument("--spec-min-prob", type=float, default=0.0,
+                        help="draft model: do not propose children below this draft probability")
+    parser.add_argument("--spec-backoff", type=int, default=0,
+                        help="after steps without an accepted draft, decode plainly for up to "
+                             "this many steps (doubling); 0 always speculates")
 
 
 def spec_config_from_args(args) -> Optional[SpecConfig]:
@@ -156,4 +179,6 @@ def spec_config_from_args(args) -> Optional[SpecConfig]:
     if args.speculative == "off":
         return None
     return SpecConfig(args.speculative, tree=args.spec_tree, stochastic=args.spec_stochastic,
-                      draft_model=args.draft_model if args.speculative == "draft" else None)
+                      draft_model=args.draft_model if args.speculative == "draft" else None,
+                      min_prob=getattr(args, "spec_min_prob", 0.0),
+                      backoff=getattr(args, "spec_backoff", 0))

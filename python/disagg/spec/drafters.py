@@ -6,6 +6,7 @@ one forward per tree depth, and keeps its cache in step with the accepted tokens
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -31,6 +32,22 @@ class DraftTree:
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+
+def pack_bits(rows: list, width: int) -> torch.Tensor:
+    """Rows of key indices as ``[len(rows), ceil(width / 32)]`` int32 bit words (the
+    ``tree_build`` mask format)."""
+    W = max(1, -(-width // 32))
+    out = torch.zeros(len(rows), W, dtype=torch.int64)
+    for r, idx in enumerate(rows):
+        for j in idx:
+            out[r, j >> 5] |= 1 << (j & 31)
+    return (out - ((out >> 31) << 32)).to(torch.int32)  # two's complement words
+
+
+def chain_bits(n: int) -> torch.Tensor:
+    """The mask of an ``n``-token chain (a causal chunk): row ``i`` sees keys ``0..i``."""
+    return pack_bits([range(i + 1) for i in range(n)], n)
 
 
 def _depths(parents: list) -> list:
@@ -114,6 +131,7 @@ class _Grow:
     frontier: list  # nodes whose logits the last forward produced
     stored: int = 1  # tree nodes in the draft cache (the root is the first)
     alive: bool = True
+    min_prob: float = 0.0  # children less probable than this under the draft are not proposed
 
 
 class ModelDrafter:
@@ -213,21 +231,27 @@ class ModelDrafter:
         temperature, generator)``; ``vocab`` is the target's vocabulary (the width of
         ``draft_probs``). Returns a ``DraftTree`` per request (just the root where the draft
         cache is full)."""
+        from ..model.attention import TreeMask
+
         grows, chunks = [], []
-        for rid, tokens, shape, stochastic, temp, gen in reqs:
+        for rid, tokens, shape, stochastic, temp, gen, *rest in reqs:
             ctx = len(tokens) - 1
             done = min(self.computed.get(rid, 0), ctx)
             if self.kv.has(rid) and self.kv.num_tokens(rid) > done:
                 self.kv.truncate(rid, done)
             g = _Grow(rid, ctx, shape, stochastic and not shape.dynamic and temp > 0, temp, gen,
-                      [tokens[-1]], [-1], [0], [0.0], [0], {}, [0])
+                      [tokens[-1]], [-1], [0], [0.0], [0], {}, [0],
+                      min_prob=float(rest[0]) if rest else 0.0)
             grows.append(g)
             if not self._make_room(rid, ctx + 1):
                 self.release(rid)
                 g.alive, g.draft_pos = False, None
                 continue
-            # Catch up on the tokens the draft has not seen (prompt, accepted drafts, bonus).
-            chunks.append((rid, tokens[done:], list(range(done, ctx + 1)), done, None,
+            # Catch up on the tokens the draft has not seen (prompt, accepted drafts, bonus):
+            # after the prompt, a short chain read in place by paged_tree_attention.
+            n = ctx + 1 - done
+            mask = TreeMask(done, chain_bits(n)) if done and n > 1 else None
+            chunks.append((rid, tokens[done:], list(range(done, ctx + 1)), done, mask,
                            [ctx - done]))
             self.computed[rid] = ctx + 1
         max_depth = max((g.shape.max_depth for g in grows), default=0)
@@ -255,8 +279,6 @@ class ModelDrafter:
                 g.stored += len(nxt)
                 g.frontier = nxt
                 mask = self._mask(g, nxt)
-                if len(nxt) == 1 and bool(mask.all()):
-                    mask = None  # a chain: the node sees everything cached, plain decode
                 chunks.append((g.rid, [g.tokens[u] for u in nxt],
                                [g.ctx + g.depth[u] for u in nxt], start, mask,
                                list(range(len(nxt)))))
@@ -280,8 +302,11 @@ class ModelDrafter:
         b = g.shape.topk if g.shape.dynamic else g.shape.branching[d - 1]
         top = torch.topk(logp, min(b, logp.shape[-1]), -1)
         vals, idx = top.values.tolist(), top.indices.tolist()
+        floor = math.log(g.min_prob) if g.min_prob > 0 else -math.inf
         for k, u in enumerate(g.frontier):
             for v, t in zip(vals[k], idx[k]):
+                if v < floor:  # sorted: the rest are less probable still
+                    break
                 new.append(self._add(g, u, t, g.score[u] + v))
         return new
 
@@ -302,20 +327,23 @@ class ModelDrafter:
         best = sorted(new, key=lambda u: (-g.score[u], u))[:g.shape.topk]
         return sorted(best)
 
-    def _mask(self, g: _Grow, nodes: list) -> torch.Tensor:
-        total = g.ctx + g.stored
-        m = torch.zeros(len(nodes), total, dtype=torch.bool)
-        m[:, :g.ctx] = True
-        for r, u in enumerate(nodes):
-            a = u
+    @staticmethod
+    def _mask(g: _Grow, nodes: list):
+        """The nodes' view for ``paged_tree_attention``: the context, then the tree keys (at
+        ``ctx + draft_pos``) of their ancestors and themselves; None for a chain's single node,
+        which sees everything cached (plain decode)."""
+        from ..model.attention import TreeMask
+
+        rows = []
+        for u in nodes:
+            row, a = [], u
             while a >= 0:
-                m[r, g.ctx + g.draft_pos[a]] = True
+                row.append(g.draft_pos[a])
                 a = g.parents[a]
-        if self.window:
-            kpos = torch.arange(total)
-            qpos = torch.tensor([g.ctx + g.depth[u] for u in nodes])
-            m &= kpos[None, :] > (qpos[:, None] - self.window)
-        return m
+            rows.append(row)
+        if len(nodes) == 1 and len(rows[0]) == g.stored:
+            return None
+        return TreeMask(g.ctx, pack_bits(rows, g.stored))
 
     def _finish(self, g: _Grow, vocab: int) -> DraftTree:
         if not g.alive:

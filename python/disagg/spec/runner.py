@@ -72,7 +72,7 @@ class TreePlan:
     tree: DraftTree
     ctx: int  # the root's position
     positions: list
-    mask: torch.Tensor  # [N, ctx + N] bool
+    mask: object  # model.attention.TreeMask: context + ancestors
     max_depth: int
 
 
@@ -109,6 +109,7 @@ class SpecRunner:
         elif config.method == "draft":
             raise ValueError("SpecConfig(method='draft') needs a draft_model")
         self.state: dict = {}  # rid -> [seed, offset, generator]
+        self.backoff: dict = {}  # rid -> [steps in a row without an accepted draft, steps to skip]
         self.metrics = SpecMetrics()
 
     # ---- per request ------------------------------------------------------------------------
@@ -127,11 +128,29 @@ class SpecRunner:
             return None
         if c.method == "draft" and self.drafter is None:
             return None
+        if c.backoff:
+            b = self.backoff.get(req.request_id)
+            if b is not None and b[1] > 0:  # backing off: a plain step, no drafting
+                b[1] -= 1
+                return None
         return c
+
+    def _outcome(self, rid, c: SpecConfig, accepted: int) -> None:
+        """Back-off bookkeeping: after ``k`` consecutive steps without an accepted draft the
+        request decodes plainly (and does not draft) for ``min(backoff, 2**(k-1))`` steps."""
+        if not c.backoff:
+            return
+        b = self.backoff.setdefault(rid, [0, 0])
+        if accepted:
+            b[0] = 0
+        else:
+            b[0] += 1
+            b[1] = min(c.backoff, 2 ** min(b[0] - 1, 30))
 
     def release(self, rid) -> None:
         """Forget a finished request (its draft cache blocks return)."""
         self.state.pop(rid, None)
+        self.backoff.pop(rid, None)
         if self.drafter is not None:
             self.drafter.release(rid)
 
@@ -169,7 +188,7 @@ class SpecRunner:
                 st = self._state(req)
                 p = req.params
                 batch.append((req.request_id, req.all_token_ids, c.tree, c.stochastic,
-                              p.temperature, st[2]))
+                              p.temperature, st[2], c.min_prob))
                 where.append(k)
         if batch:
             for k, t in zip(where, self.drafter.propose(batch, eng.model.config.vocab_size)):
@@ -190,6 +209,8 @@ class SpecRunner:
             if n <= 1:
                 if c.method == "draft":
                     self.drafter.rollback(s.req.request_id, ctx, [0], tree.draft_pos)
+                if len(tree) <= 1:  # nothing drafted (no match, or pruned by min_prob)
+                    self._outcome(s.req.request_id, c, 0)
                 plans.append(None)
                 continue
             plans.append(self._plan(s, c, tree, ctx))
@@ -197,19 +218,15 @@ class SpecRunner:
         return plans
 
     def _plan(self, s, c: SpecConfig, tree: DraftTree, ctx: int) -> TreePlan:
-        N = len(tree)
+        from ..model.attention import TreeMask
+
         parents = torch.tensor([tree.parents], dtype=torch.int32)
         tb = ops.tree_build(parents)
         depth = tb.depth[0].tolist()
-        tmask = ops.unpack_tree_mask(tb.mask, N)[0]
-        mask = torch.ones(N, ctx + N, dtype=torch.bool)
-        mask[:, ctx:] = tmask
-        window = self.engine.model.config.sliding_window
-        if window:
-            kpos = torch.cat([torch.arange(ctx), ctx + tb.depth[0].long()])
-            qpos = ctx + tb.depth[0].long()
-            mask &= kpos[None, :] > (qpos[:, None] - window)
-        return TreePlan(s, c, tree, ctx, [ctx + d for d in depth], mask, max(depth))
+        # Node i's K/V sits at cache position ctx + i; paged_tree_attention reads the context
+        # in place and the ancestors from tree_build's bit mask (the sliding window too).
+        return TreePlan(s, c, tree, ctx, [ctx + d for d in depth], TreeMask(ctx, tb.mask[0]),
+                        max(depth))
 
     def verify(self, plans: list, logits: list) -> list:
         """Verify each plan against its target logits ``[N, V]``; compact the KV; returns the
@@ -272,4 +289,5 @@ class SpecRunner:
             if p.cfg.method == "draft":
                 self.drafter.rollback(rid, p.ctx, path, p.tree.draft_pos)
             self.metrics.record(p.max_depth, L, len(p.tree))
+            self._outcome(rid, p.cfg, L - 1)
             out[idx[b]] = [p.tree.tokens[a] for a in path[1:]] + [bonus[b]]
