@@ -107,6 +107,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from .spec_options import check_args
     check_args(args)
+    if getattr(args, "speculative", "off") != "off" and any(
+            u.size > 1 and u.role != "prefill" for u in _units(args)):
+        raise SystemExit("disagg.serve: --speculative needs one-rank decode/colocated units "
+                         "(no --decode-tp/--decode-ep > 1 with speculation in this version)")
     logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.WARNING),
                         format="%(asctime)s %(levelname)s [rank " + os.environ.get("RANK", "0")
                         + "] %(name)s: %(message)s")
@@ -119,10 +123,6 @@ def main(argv=None) -> int:
     if world != world_size(units):
         raise SystemExit(f"disagg.serve: world size {world} != {world_size(units)} (1 + the "
                          f"ranks of {args.prefill} prefill and {args.decode} decode units)")
-    if getattr(args, "speculative", "off") != "off" and any(
-            u.size > 1 and u.role != "prefill" for u in units):
-        raise SystemExit("disagg.serve: --speculative needs one-rank decode/colocated units "
-                         "(no --decode-tp/--decode-ep > 1 with speculation in this version)")
     if args.kv_retries < 0 or args.kv_layers_per_send < 0:
         raise SystemExit("disagg.serve: --kv-retries and --kv-layers-per-send must be >= 0")
     if args.kv_transport == "nixl" and args.mode == "disaggregated":
