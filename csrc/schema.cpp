@@ -70,4 +70,9 @@ TORCH_LIBRARY(disagg, m) {
   m.def(
       "paged_decode_attention(Tensor q, Tensor kv_cache, Tensor block_tables, Tensor ctx_lens, "
       "float scale, int sliding_window=0) -> Tensor");
+
+  // ---- Expert FFN --------------------------------------------------------------------------
+  // x [M,K] in expert order, w [E,N,K], expert_offsets [E+1] -> [M,N]: rows of expert e times
+  // w[e]^T (float accumulation); rows outside [offsets[0], offsets[E]) are zero
+  m.def("expert_gemm(Tensor x, Tensor w, Tensor expert_offsets) -> Tensor");
 }

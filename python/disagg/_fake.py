@@ -121,3 +121,11 @@ def _tree_verify_sample_fake(logits, tokens, parents, num_nodes, temperature, to
 def _paged_decode_attention_fake(q, kv_cache, block_tables, ctx_lens, scale, sliding_window=0):
     torch._check(q.dim() == 3, lambda: "disagg.paged_decode_attention: q must be 3-D [B, Hq, D]")
     return torch.empty_like(q)
+
+# ---- Expert FFN ----------------------------------------------------------------------------
+
+
+@register_fake("disagg::expert_gemm")
+def _expert_gemm_fake(x, w, expert_offsets):
+    torch._check(x.dim() == 2 and w.dim() == 3, lambda: "disagg.expert_gemm: x must be [M, K], w [E, N, K]")
+    return x.new_empty((x.shape[0], w.shape[1]))

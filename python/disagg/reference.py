@@ -527,3 +527,14 @@ def paged_decode_attention(q, kv_cache, block_tables, ctx_lens, scale, sliding_w
         s = torch.einsum("hd,nhd->hn", q[b].float() * scale, k)
         out[b] = torch.einsum("hn,nhd->hd", s.softmax(-1), v).to(q.dtype)
     return out
+
+# ---- Expert FFN ----------------------------------------------------------------------------
+
+
+def expert_gemm(x, w, expert_offsets):
+    """One float32 matmul per expert segment; rows outside the segments are zero."""
+    out = torch.zeros(x.shape[0], w.shape[1], dtype=torch.float32, device=x.device)
+    o = [int(v) for v in expert_offsets]
+    for e in range(w.shape[0]):
+        out[o[e]:o[e + 1]] = x[o[e]:o[e + 1]].float() @ w[e].float().t()
+    return out.to(x.dtype)
