@@ -2,13 +2,19 @@
 # The one device check: build disagg against this machine's own python3/torch with the CUDA
 # kernels, run tests/gpu, run every GPU benchmark family that exists, print a short table and
 # write everything under $OUT (4 files: summary.json, gpu_check.log, pytest-gpu.xml, bench.jsonl).
-# Benchmarks: every family of disagg.bench (routing, kv, tree) with --device cuda --check.
-# Meant to finish in about 8 minutes on one H100/H200; each stage has its own time limit so a
-# hang in one still leaves the others' results.
+# Benchmarks: every family of disagg.bench (routing, kv, tree, attention, experts) with
+# --device cuda --check. The build includes the NVSHMEM transport (the machine's
+# nvidia-nvshmem-cu13) and the CUTLASS grouped GEMM: the nvidia-cutlass wheel is installed from
+# build/wheels (carry that folder; `pip download --no-deps nvidia-cutlass -d build/wheels`) into
+# build/pydeps when python3 cannot import it.
+# Meant to finish in about 8 minutes on one H100/H200; each stage has its own time limit and the
+# benchmarks stop starting new families at GPU_CHECK_DEADLINE seconds (default 450), so a hang
+# in one stage still leaves the others' results.
 #
 #   OUT=/some/dir bash bench/gpu_check.sh          # DISAGG_CUDA_ARCHS defaults to 90a here
 #   GPU_CHECK_SKIP_BUILD=1 ...   reuse the disagg already installed (a rerun on a warm machine)
 #   GPU_CHECK_BUILD_TIMEOUT=900  seconds allowed for the build (default 300)
+#   GPU_CHECK_TEST_TIMEOUT=400   seconds allowed for pytest tests/gpu (default 300)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench_out}
@@ -28,6 +34,18 @@ say "machine"
   nvcc --version 2>&1 | tail -1
   "$PY" -c 'import torch, sys; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "device", torch.cuda.get_device_name() if torch.cuda.is_available() else None)' 2>&1
 } | tee -a "$LOG"
+
+# ---- CUTLASS headers (pure-python wheel carried in build/wheels; no network here) -------------
+if ! "$PY" -c 'import cutlass_library' 2>/dev/null; then
+  whl=$(ls build/wheels/nvidia_cutlass-*.whl 2>/dev/null | head -1)
+  if [ -n "$whl" ]; then
+    "$PY" -m pip install -q --no-index --no-deps --target build/pydeps "$whl" >>"$LOG" 2>&1
+    export PYTHONPATH="$PWD/build/pydeps${PYTHONPATH:+:$PYTHONPATH}"
+  fi
+fi
+"$PY" -c 'import cutlass_library' 2>/dev/null && cutlass=yes || cutlass=no
+"$PY" -c 'import nvidia.nvshmem' 2>/dev/null && nvshmem=yes || nvshmem=no
+say "wheels: nvidia-cutlass $cutlass, nvidia-nvshmem $nvshmem"
 
 # ---- build (against this torch; an extension built elsewhere will not load) ------------------
 b0=$(date +%s)
@@ -50,12 +68,16 @@ if [ $build_rc -ne 0 ]; then
 fi
 # Import from the installed package, not the source tree (python/ has no compiled _C).
 cd "$OUT"
-"$PY" -c 'import disagg, disagg._loader as l, torch; print("disagg", disagg.__version__, "cuda kernels:", l.cuda_built(), "torch", torch.__version__)' 2>&1 | tee -a "$LOG"
+"$PY" -c '
+import disagg, disagg._loader as l, disagg._build_info as b, torch
+from disagg.moe.nvshmem import nvshmem_built
+print("disagg", disagg.__version__, "cuda kernels:", l.cuda_built(), "cutlass:",
+      getattr(b, "WITH_CUTLASS", False), "nvshmem:", nvshmem_built(), "torch", torch.__version__)' 2>&1 | tee -a "$LOG"
 cd - >/dev/null
 
 # ---- tests -----------------------------------------------------------------------------------
 say "pytest tests/gpu"
-timeout 300 "$PY" -m pytest tests/gpu -q -ra -p no:cacheprovider --rootdir=. \
+timeout "${GPU_CHECK_TEST_TIMEOUT:-300}" "$PY" -m pytest tests/gpu -q -ra -p no:cacheprovider --rootdir=. \
   --junitxml="$OUT/pytest-gpu.xml" >>"$LOG" 2>&1
 test_rc=$?
 say "pytest rc=$test_rc"
@@ -69,9 +91,17 @@ print(" ".join(n for n, m in FAMILIES.items() if importlib.util.find_spec(m) is 
 PY
 )
 say "bench families present: ${families:-none}"
+deadline=${GPU_CHECK_DEADLINE:-450}
 for fam in $families; do
-  say "bench $fam"
-  timeout "${GPU_CHECK_BENCH_TIMEOUT:-90}" "$PY" -m disagg.bench "$fam" --device cuda --check --json \
+  left=$(( deadline - ($(date +%s) - t0) ))
+  if [ $left -lt 20 ]; then
+    say "bench $fam skipped: past GPU_CHECK_DEADLINE=${deadline}s"
+    continue
+  fi
+  lim=${GPU_CHECK_BENCH_TIMEOUT:-90}
+  [ $left -lt $lim ] && lim=$left
+  say "bench $fam (limit ${lim}s)"
+  timeout "$lim" "$PY" -m disagg.bench "$fam" --device cuda --check --json \
     --min-run-time "${GPU_CHECK_MIN_RUN_TIME:-0.1}" \
     >>"$OUT/bench.jsonl" 2>>"$LOG" || say "bench $fam failed rc=$?"
 done
@@ -110,13 +140,15 @@ print(f"build {build_s}s, total {total_s}s, pytest rc={test_rc}: {summary['tests
 for f in summary.get("failed", [])[:20]:
     print("  FAILED", f)
 if rows:
-    print(f"{'op':<20} {'shape':<36} {'dtype':<8} {'median_us':>10} {'speedup':>8} {'vs_copy':>8}  baseline")
+    print(f"{'op':<22} {'shape':<36} {'dtype':<8} {'median_us':>10} {'speedup':>8} {'vs_copy':>8} "
+          f"{'vs_dense':>8}  baseline")
     for r in rows:
         shape = ",".join(f"{k}={v}" for k, v in (r.get("shape") or {}).items())
-        cr = r.get("copy_ratio")
-        print(f"{r.get('op', '?'):<20} {shape:<36.36} {r.get('dtype', ''):<8} "
+        cr, dr = r.get("copy_ratio"), r.get("dense_ratio")
+        print(f"{r.get('op', '?'):<22} {shape:<36.36} {r.get('dtype', ''):<8} "
               f"{r.get('median_s', 0) * 1e6:>10.1f} {r.get('speedup') or 0:>7.2f}x "
-              f"{(f'{cr:.2f}x' if cr else '-'):>8}  {r.get('baseline', '')}")
+              f"{(f'{cr:.2f}x' if cr else '-'):>8} {(f'{dr:.2f}x' if dr else '-'):>8}  "
+              f"{r.get('baseline', '')}")
 else:
     print("no benchmark rows")
 PY
