@@ -53,7 +53,9 @@ if(DISAGG_WITH_NVSHMEM)
   target_link_libraries(disagg_nvshmem PRIVATE disagg_nvshmem_device
                         "${_nvshmem_root}/lib/libnvshmem_host.so.3" CUDA::cudart)
   set_target_properties(disagg_nvshmem PROPERTIES
-    CUDA_ARCHITECTURES "${DISAGG_CUDA_ARCHS}" CUDA_SEPARABLE_COMPILATION ON
+    # C++17 like the wheel's own examples (C++20 deprecates volatile compound assignments that
+    # NVSHMEM's device headers use); no torch headers here
+    CUDA_STANDARD 17 CUDA_ARCHITECTURES "${DISAGG_CUDA_ARCHS}" CUDA_SEPARABLE_COMPILATION ON
     CUDA_RESOLVE_DEVICE_SYMBOLS ON POSITION_INDEPENDENT_CODE ON
     # the wheel's host library and bootstrap plugins, found without LD_LIBRARY_PATH
     INSTALL_RPATH "${_nvshmem_root}/lib" BUILD_RPATH "${_nvshmem_root}/lib")
@@ -80,7 +82,7 @@ if(DISAGG_WITH_CUTLASS)
   add_library(disagg_cutlass OBJECT csrc/cuda/cutlass/grouped_gemm.cu)
   target_include_directories(disagg_cutlass PRIVATE "${_cutlass_inc}")
   set_target_properties(disagg_cutlass PROPERTIES CUDA_ARCHITECTURES "${DISAGG_CUDA_ARCHS}"
-                        POSITION_INDEPENDENT_CODE ON)
+                        CUDA_STANDARD 17 POSITION_INDEPENDENT_CODE ON)
   target_compile_options(disagg_cutlass PRIVATE
                          $<$<COMPILE_LANGUAGE:CUDA>:-O3 --expt-relaxed-constexpr -lineinfo>)
   target_sources(_C PRIVATE $<TARGET_OBJECTS:disagg_cutlass>)
