@@ -87,5 +87,18 @@ if(DISAGG_WITH_CUTLASS)
                          $<$<COMPILE_LANGUAGE:CUDA>:-O3 --expt-relaxed-constexpr -lineinfo>)
   target_sources(_C PRIVATE $<TARGET_OBJECTS:disagg_cutlass>)
   target_compile_definitions(_C PRIVATE DISAGG_WITH_CUTLASS=1)
+  # The Hopper kernel (TMA + WGMMA) exists only for sm_90a: its own object library, built for
+  # that architecture alone, when the list has it.
+  if("90a" IN_LIST DISAGG_CUDA_ARCHS)
+    add_library(disagg_cutlass_sm90 OBJECT csrc/cuda/cutlass/grouped_gemm_sm90.cu)
+    target_include_directories(disagg_cutlass_sm90 PRIVATE "${_cutlass_inc}")
+    set_target_properties(disagg_cutlass_sm90 PROPERTIES CUDA_ARCHITECTURES "90a"
+                          CUDA_STANDARD 17 POSITION_INDEPENDENT_CODE ON)
+    target_compile_options(disagg_cutlass_sm90 PRIVATE
+                           $<$<COMPILE_LANGUAGE:CUDA>:-O3 --expt-relaxed-constexpr -lineinfo>)
+    target_sources(_C PRIVATE $<TARGET_OBJECTS:disagg_cutlass_sm90>)
+    target_compile_definitions(_C PRIVATE DISAGG_WITH_CUTLASS_SM90=1)
+    set(DISAGG_WITH_CUTLASS_SM90 ON)
+  endif()
 endif()
-message(STATUS "disagg: CUTLASS grouped GEMM: ${DISAGG_WITH_CUTLASS}")
+message(STATUS "disagg: CUTLASS grouped GEMM: ${DISAGG_WITH_CUTLASS} (Hopper kernel: ${DISAGG_WITH_CUTLASS_SM90})")

@@ -1,5 +1,6 @@
 // CUDA implementation of expert_gemm. bf16 with N and K multiples of 8 runs the CUTLASS grouped
-// GEMM (csrc/cuda/cutlass, built under DISAGG_CUTLASS): per-expert problems are built from
+// GEMM (csrc/cuda/cutlass, built under DISAGG_CUTLASS; the Hopper TMA/WGMMA kernel on compute
+// capability 9.x when built for 90a, the SM80 kernel otherwise): per-expert problems are built from
 // expert_offsets on the device, nothing synchronizes, and offsets out of range are clamped
 // there (no row outside x or the output is touched). Other dtypes or shapes, or a build without
 // CUTLASS, run one torch matmul per expert after copying the offsets to the host (synchronizes,
@@ -52,15 +53,24 @@ at::Tensor expert_gemm_cuda_op(const at::Tensor& x, const at::Tensor& w,
     const at::Tensor off = expert_offsets.to(at::kInt).contiguous();
     // rows outside [offsets[0], offsets[E]) are defined as zero: the GEMM writes the rest
     at::Tensor out = at::zeros({M, N}, x.options());
-    const size_t ws_bytes = cuda::grouped_gemm::workspace_bytes(static_cast<int>(E));
+    namespace gg = cuda::grouped_gemm;
+    auto ws_of = &gg::workspace_bytes;
+    auto run = &gg::run_bf16;
+#ifdef DISAGG_WITH_CUTLASS_SM90
+    if (gg::sm90_selected()) {
+      ws_of = &gg::workspace_bytes_sm90;
+      run = &gg::run_bf16_sm90;
+    }
+#endif
+    const size_t ws_bytes = ws_of(static_cast<int>(E));
     at::Tensor ws = at::empty({static_cast<int64_t>(ws_bytes)}, x.options().dtype(at::kByte));
     const bool aligned = reinterpret_cast<uintptr_t>(xc.data_ptr()) % 16 == 0 &&
                          reinterpret_cast<uintptr_t>(wc.data_ptr()) % 16 == 0;
     if (aligned) {
-      const cudaError_t err = cuda::grouped_gemm::run_bf16(
-          xc.data_ptr(), wc.data_ptr(), out.data_ptr(), off.data_ptr<int32_t>(),
-          static_cast<int>(E), M, static_cast<int>(N), static_cast<int>(K), ws.data_ptr(),
-          ws_bytes, c10::cuda::getCurrentCUDAStream());
+      const cudaError_t err =
+          run(xc.data_ptr(), wc.data_ptr(), out.data_ptr(), off.data_ptr<int32_t>(),
+              static_cast<int>(E), M, static_cast<int>(N), static_cast<int>(K), ws.data_ptr(),
+              ws_bytes, c10::cuda::getCurrentCUDAStream());
       TORCH_CHECK(err == cudaSuccess, "disagg.", op, ": CUDA error: ", cudaGetErrorString(err));
       return out;
     }

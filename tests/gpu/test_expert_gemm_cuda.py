@@ -1,6 +1,7 @@
-"""expert_gemm on CUDA (CUTLASS grouped GEMM for bf16, per-expert matmuls otherwise) against a
-float32 torch matmul per expert and the CPU op; CUDA-graph capture; clamped bad offsets; the
-model's MoE layer on the GPU against its CPU path."""
+"""expert_gemm on CUDA (CUTLASS grouped GEMM for bf16: the Hopper kernel on compute capability 9.x
+and the SM80 kernel, both selected through DISAGG_GROUPED_GEMM; per-expert matmuls otherwise)
+against a float32 torch matmul per expert and the CPU op; CUDA-graph capture; clamped bad
+offsets; the model's MoE layer on the GPU against its CPU path."""
 import pytest
 import torch
 
@@ -11,6 +12,17 @@ from disagg import reference as ref
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 DEV = "cuda"
+
+
+@pytest.fixture(params=["default", "sm80"])
+def gemm_path(request, monkeypatch):
+    """The default kernel (the Hopper one on a 9.x device) and the SM80 one; the op reads the
+    variable at every call."""
+    if request.param == "sm80":
+        monkeypatch.setenv("DISAGG_GROUPED_GEMM", "sm80")
+    else:
+        monkeypatch.delenv("DISAGG_GROUPED_GEMM", raising=False)
+    return request.param
 
 
 def make(E, M, N, K, dtype, seed=0, empty=(1,)):
@@ -41,7 +53,9 @@ CASES = [(8, 512, 256, 128), (64, 4096, 512, 1024), (3, 37, 64, 40), (128, 2048,
 
 @pytest.mark.parametrize("E,M,N,K", CASES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_matches_per_expert_matmul(E, M, N, K, dtype):
+def test_matches_per_expert_matmul(E, M, N, K, dtype, gemm_path):
+    if gemm_path == "sm80" and dtype != torch.bfloat16:
+        pytest.skip("the kernel choice only matters for bf16")
     x, w, off = make(E, M, N, K, dtype, seed=E + M)
     torch.full((64 << 18,), -1, dtype=torch.int32, device=DEV)  # poison the allocator's cache
     got = ops.expert_gemm(x.to(DEV), w.to(DEV), off.to(DEV))
@@ -53,7 +67,7 @@ def test_matches_per_expert_matmul(E, M, N, K, dtype):
         torch.testing.assert_close(got.cpu(), ops.expert_gemm(x, w, off), atol=tol, rtol=tol)
 
 
-def test_graph_capture_bf16():
+def test_graph_capture_bf16(gemm_path):
     x, w, off = (t.to(DEV) for t in make(16, 1024, 256, 256, torch.bfloat16))
     ops.expert_gemm(x, w, off)
     graph = torch.cuda.CUDAGraph()
@@ -66,7 +80,7 @@ def test_graph_capture_bf16():
         torch.testing.assert_close(out.float(), per_expert_matmul(x, w, off), atol=2e-2, rtol=2e-2)
 
 
-def test_bad_offsets_are_clamped_bf16():
+def test_bad_offsets_are_clamped_bf16(gemm_path):
     """The CUTLASS path does not read offsets on the host: out-of-range ones are clamped, nothing
     outside x or the output is touched, and the valid segments are right."""
     x, w, off = make(4, 256, 64, 64, torch.bfloat16)

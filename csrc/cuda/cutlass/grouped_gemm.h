@@ -23,6 +23,15 @@ cudaError_t run_bf16(const void* a, const void* w, void* d, const int32_t* exper
                      int num_experts, int64_t m_total, int n, int k, void* workspace,
                      size_t workspace_size, cudaStream_t stream);
 
+// Hopper path (grouped_gemm_sm90.cu, built when the architectures include 90a): same contract.
+// sm90_selected() is true on a compute capability 9.x device unless the environment variable
+// DISAGG_GROUPED_GEMM is "sm80" (read at every call, so tests can compare both paths).
+bool sm90_selected();
+size_t workspace_bytes_sm90(int num_experts);
+cudaError_t run_bf16_sm90(const void* a, const void* w, void* d, const int32_t* expert_offsets,
+                          int num_experts, int64_t m_total, int n, int k, void* workspace,
+                          size_t workspace_size, cudaStream_t stream);
+
 }  // namespace grouped_gemm
 }  // namespace cuda
 }  // namespace disagg

@@ -3,6 +3,8 @@ one dense torch.matmul of the same total FLOPs (``dense_ratio``: the dense matmu
 the op's; 1.0 means the grouping costs nothing)."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .. import ops
@@ -49,11 +51,24 @@ def run(args) -> list:
 
         wd = w[0].t().contiguous()  # [K, N]: one dense GEMM with all M rows, same FLOPs
         t_op = median_time(lambda: ops.expert_gemm(x, w, off), device, args.min_run_time)
+        extra = {}
+        if device.type == "cuda" and dtype == torch.bfloat16:
+            # the SM80 CUTLASS kernel too (the default on a 9.x device is the Hopper one)
+            prev = os.environ.get("DISAGG_GROUPED_GEMM")
+            os.environ["DISAGG_GROUPED_GEMM"] = "sm80"
+            try:
+                extra["sm80_median_s"] = median_time(lambda: ops.expert_gemm(x, w, off), device,
+                                                     args.min_run_time)
+            finally:
+                if prev is None:
+                    del os.environ["DISAGG_GROUPED_GEMM"]
+                else:
+                    os.environ["DISAGG_GROUPED_GEMM"] = prev
         t_loop = median_time(per_expert, device, args.min_run_time)
         t_dense = median_time(lambda: torch.matmul(x, wd), device, args.min_run_time)
         flops = 2.0 * M * N * K
         rows.append(row(op="expert_gemm", device=device, shape=dict(T=T, E=E, k=k, K=K, N=N),
                         dtype=dtype, median_s=t_op, baseline="torch.mm per expert",
                         baseline_median_s=t_loop, tflops=flops / t_op / 1e12,
-                        dense_median_s=t_dense, dense_ratio=t_dense / t_op))
+                        dense_median_s=t_dense, dense_ratio=t_dense / t_op, **extra))
     return rows
