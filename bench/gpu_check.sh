@@ -7,14 +7,16 @@
 # nvidia-nvshmem-cu13) and the CUTLASS grouped GEMM: the nvidia-cutlass wheel is installed from
 # build/wheels (carry that folder; `pip download --no-deps nvidia-cutlass -d build/wheels`) into
 # build/pydeps when python3 cannot import it.
-# Meant to finish in about 8 minutes on one H100/H200; each stage has its own time limit and the
-# benchmarks stop starting new families at GPU_CHECK_DEADLINE seconds (default 450), so a hang
-# in one stage still leaves the others' results.
+# Meant to finish in about 8 minutes on one H100/H200, and never past GPU_CHECK_DEADLINE seconds
+# (default 540, under the device tool's 600 s per call): each stage has its own time limit,
+# capped by what is left of the deadline, so a hang in one stage still leaves the others' results
+# and the summary is always written.
 #
 #   OUT=/some/dir bash bench/gpu_check.sh          # DISAGG_CUDA_ARCHS defaults to 90a here
 #   GPU_CHECK_SKIP_BUILD=1 ...   reuse the disagg already installed (a rerun on a warm machine)
-#   GPU_CHECK_BUILD_TIMEOUT=900  seconds allowed for the build (default 300)
+#   GPU_CHECK_BUILD_TIMEOUT=900  seconds allowed for the build (default 360)
 #   GPU_CHECK_TEST_TIMEOUT=400   seconds allowed for pytest tests/gpu (default 300)
+#   GPU_CHECK_DEADLINE=540       seconds from the start after which nothing new starts
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench_out}
@@ -28,6 +30,13 @@ case "$PY" in */*) PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;; esa
 export PYTHONUNBUFFERED=1
 say() { echo "[gpu_check $(date +%H:%M:%S)] $*" | tee -a "$LOG"; }
 t0=$(date +%s)
+deadline=${GPU_CHECK_DEADLINE:-540}
+# seconds a stage may take: its own limit, capped by what is left of the deadline
+limit() {
+  local left=$(( deadline - ($(date +%s) - t0) - ${2:-0} ))
+  [ $left -lt 1 ] && left=1
+  [ $left -lt $1 ] && echo $left || echo $1
+}
 
 say "machine"
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv 2>&1
@@ -55,7 +64,7 @@ if [ -n "${GPU_CHECK_SKIP_BUILD:-}" ]; then
 else
   say "build: DISAGG_CUDA=ON DISAGG_CUDA_ARCHS=${DISAGG_CUDA_ARCHS:-90a}"
   DISAGG_CUDA=ON DISAGG_CUDA_ARCHS=${DISAGG_CUDA_ARCHS:-90a} CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
-    timeout "${GPU_CHECK_BUILD_TIMEOUT:-300}" "$PY" -m pip install --no-build-isolation --no-deps \
+    timeout "$(limit "${GPU_CHECK_BUILD_TIMEOUT:-360}" 120)" "$PY" -m pip install --no-build-isolation --no-deps \
     --no-index -v --config-settings=build-dir=build/device . >>"$LOG" 2>&1
   build_rc=$?
 fi
@@ -77,7 +86,7 @@ cd - >/dev/null
 
 # ---- tests -----------------------------------------------------------------------------------
 say "pytest tests/gpu"
-timeout "${GPU_CHECK_TEST_TIMEOUT:-300}" "$PY" -m pytest tests/gpu -q -ra -p no:cacheprovider --rootdir=. \
+timeout "$(limit "${GPU_CHECK_TEST_TIMEOUT:-300}" 60)" "$PY" -m pytest tests/gpu -q -ra -p no:cacheprovider --rootdir=. \
   --junitxml="$OUT/pytest-gpu.xml" >>"$LOG" 2>&1
 test_rc=$?
 say "pytest rc=$test_rc"
@@ -91,15 +100,12 @@ print(" ".join(n for n, m in FAMILIES.items() if importlib.util.find_spec(m) is 
 PY
 )
 say "bench families present: ${families:-none}"
-deadline=${GPU_CHECK_DEADLINE:-450}
 for fam in $families; do
-  left=$(( deadline - ($(date +%s) - t0) ))
-  if [ $left -lt 20 ]; then
-    say "bench $fam skipped: past GPU_CHECK_DEADLINE=${deadline}s"
+  lim=$(limit "${GPU_CHECK_BENCH_TIMEOUT:-90}" 5)
+  if [ "$lim" -lt 15 ]; then
+    say "bench $fam skipped: too close to GPU_CHECK_DEADLINE=${deadline}s"
     continue
   fi
-  lim=${GPU_CHECK_BENCH_TIMEOUT:-90}
-  [ $left -lt $lim ] && lim=$left
   say "bench $fam (limit ${lim}s)"
   timeout "$lim" "$PY" -m disagg.bench "$fam" --device cuda --check --json \
     --min-run-time "${GPU_CHECK_MIN_RUN_TIME:-0.1}" \
