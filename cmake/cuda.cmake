@@ -86,7 +86,9 @@ if(DISAGG_WITH_CUTLASS)
   target_compile_options(disagg_cutlass PRIVATE
                          $<$<COMPILE_LANGUAGE:CUDA>:-O3 --expt-relaxed-constexpr -lineinfo>)
   target_sources(_C PRIVATE $<TARGET_OBJECTS:disagg_cutlass>)
-  target_compile_definitions(_C PRIVATE DISAGG_WITH_CUTLASS=1)
+  # only the op that calls it needs to know (toggling CUTLASS then recompiles one file, not _C)
+  set_property(SOURCE csrc/cuda/expert_gemm.cu APPEND PROPERTY COMPILE_DEFINITIONS
+               DISAGG_WITH_CUTLASS=1)
   # The Hopper kernel (TMA + WGMMA) exists only for sm_90a: its own object library, built for
   # that architecture alone, when the list has it.
   if("90a" IN_LIST DISAGG_CUDA_ARCHS)
@@ -97,7 +99,8 @@ if(DISAGG_WITH_CUTLASS)
     target_compile_options(disagg_cutlass_sm90 PRIVATE
                            $<$<COMPILE_LANGUAGE:CUDA>:-O3 --expt-relaxed-constexpr -lineinfo>)
     target_sources(_C PRIVATE $<TARGET_OBJECTS:disagg_cutlass_sm90>)
-    target_compile_definitions(_C PRIVATE DISAGG_WITH_CUTLASS_SM90=1)
+    set_property(SOURCE csrc/cuda/expert_gemm.cu APPEND PROPERTY COMPILE_DEFINITIONS
+                 DISAGG_WITH_CUTLASS_SM90=1)
     set(DISAGG_WITH_CUTLASS_SM90 ON)
   endif()
 endif()
