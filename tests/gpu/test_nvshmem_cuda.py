@@ -116,7 +116,7 @@ def test_two_pes_on_one_gpu():
     env = dict(os.environ, CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(script)]
-    # its own session, so a hang is ended with all of torchrun's workers
+    # its own process group, so a hang is ended with every process torchrun started
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env, start_new_session=True)
     try:
