@@ -79,4 +79,9 @@ TORCH_LIBRARY(disagg, m) {
       "paged_tree_attention(Tensor q, Tensor kv_cache, Tensor block_tables, Tensor ctx_lens, "
       "Tensor tree_lens, Tensor q_offsets, Tensor tree_mask, float scale, int sliding_window=0)"
       " -> Tensor");
+
+  // ---- Expert FFN --------------------------------------------------------------------------
+  // x [M,K] in expert order, w [E,N,K], expert_offsets [E+1] -> [M,N]: rows of expert e times
+  // w[e]^T (float accumulation); rows outside [offsets[0], offsets[E]) are zero
+  m.def("expert_gemm(Tensor x, Tensor w, Tensor expert_offsets) -> Tensor");
 }

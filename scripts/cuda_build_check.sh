@@ -14,9 +14,11 @@ if [ ! -x .venv-cuda/bin/python ]; then
   echo "[cuda-build] creating .venv-cuda (torch 2.14.1 with CUDA 13.0, ~5.5 GB)"
   "$PY" -m venv .venv-cuda
 fi
-if [ ! -f .venv-cuda/.disagg-deps-v1 ]; then
-  .venv-cuda/bin/pip install -q "torch==2.14.1" numpy scikit-build-core cmake ninja pytest
-  touch .venv-cuda/.disagg-deps-v1
+if [ ! -f .venv-cuda/.disagg-deps-v2 ]; then
+  # the NVSHMEM and CUTLASS wheels make DISAGG_NVSHMEM / DISAGG_CUTLASS (AUTO) build those parts
+  .venv-cuda/bin/pip install -q "torch==2.14.1" numpy scikit-build-core cmake ninja pytest \
+    nvidia-nvshmem-cu13 nvidia-cutlass
+  touch .venv-cuda/.disagg-deps-v2
 fi
 command -v nvcc >/dev/null || { echo "[cuda-build] nvcc not found on PATH" >&2; exit 2; }
 start=$(date +%s)
@@ -34,8 +36,13 @@ DISAGG_CUDA=ON CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)
 elapsed=$(( $(date +%s) - start ))
 # Import from outside the source tree so the installed package (with _C) is the one loaded.
 (cd /tmp && "$OLDPWD/.venv-cuda/bin/python" -c '
-import torch, disagg, disagg._loader as l
+import torch, disagg, disagg._loader as l, disagg._build_info as b
+from disagg.moe.nvshmem import nvshmem_built
 assert l.cuda_built(), "extension was built without the CUDA kernels"
-print("[cuda-build] import ok: torch", torch.__version__, "cuda", torch.version.cuda)
+assert b.WITH_CUTLASS, "extension was built without the CUTLASS grouped GEMM"
+assert nvshmem_built(), "libdisagg_nvshmem.so was not installed"
+assert hasattr(torch.ops.disagg, "expert_gemm")
+print("[cuda-build] import ok: torch", torch.__version__, "cuda", torch.version.cuda,
+      "(CUTLASS grouped GEMM, NVSHMEM transport library)")
 ')
 echo "[cuda-build] built in ${elapsed}s (archs: ${DISAGG_CUDA_ARCHS:-default})"

@@ -9,7 +9,7 @@ inc=$("$PY" -c 'import cutlass_library, os; print(os.path.join(os.path.dirname(c
   "$PY" -m pip install -q nvidia-cutlass
   inc=$("$PY" -c 'import cutlass_library, os; print(os.path.join(os.path.dirname(cutlass_library.__file__), "source", "include"))')
 }
-ARCH=${DISAGG_CUTLASS_ARCH:-90a}
+ARCH=${DISAGG_CUTLASS_ARCH:-90a}  # grouped_gemm_sm90.cu needs 90a
 out=${TMPDIR:-/tmp}/disagg-cutlass-check
 mkdir -p "$out"
 start=$(date +%s)

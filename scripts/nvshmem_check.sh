@@ -24,4 +24,9 @@ done
 # Device link with NVSHMEM's device library; host symbols resolve against libnvshmem_host.
 nvcc -shared -rdc=true -arch=sm_$ARCH -Xcompiler -fPIC "${objs[@]}" -L"$root/lib" \
   -lnvshmem_device -l:libnvshmem_host.so.3 -o "$out/libdisagg_nvshmem_check.so"
+# every entry point of the C ABI that python/disagg/moe/nvshmem.py loads is exported
+for sym in uid_bytes get_uid init my_pe n_pes create destroy finalize error_string all_to_all; do
+  nm -D --defined-only "$out/libdisagg_nvshmem_check.so" | grep -q " T disagg_nvshmem_$sym$" ||
+    { echo "[nvshmem-check] missing symbol disagg_nvshmem_$sym" >&2; exit 1; }
+done
 echo "[nvshmem-check] compiled and linked ${#objs[@]} file(s) for sm_$ARCH in $(( $(date +%s) - start ))s"

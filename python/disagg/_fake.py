@@ -132,3 +132,11 @@ def _paged_tree_attention_fake(q, kv_cache, block_tables, ctx_lens, tree_lens, q
     torch._check(tree_mask.dim() == 2,
                  lambda: "disagg.paged_tree_attention: tree_mask must be 2-D [T, W]")
     return torch.empty_like(q)
+
+# ---- Expert FFN ----------------------------------------------------------------------------
+
+
+@register_fake("disagg::expert_gemm")
+def _expert_gemm_fake(x, w, expert_offsets):
+    torch._check(x.dim() == 2 and w.dim() == 3, lambda: "disagg.expert_gemm: x must be [M, K], w [E, N, K]")
+    return x.new_empty((x.shape[0], w.shape[1]))

@@ -547,3 +547,27 @@ def tree_mask_rows(mask: torch.Tensor, num_nodes) -> torch.Tensor:
         return mask.reshape(B * N, W)
     keep = torch.arange(N)[None, :] < n[:, None]
     return mask[keep]
+
+# ---- Expert FFN ----------------------------------------------------------------------------
+
+
+def expert_gemm(x: torch.Tensor, w: torch.Tensor, expert_offsets: torch.Tensor) -> torch.Tensor:
+    """The expert-grouped matmul of a MoE FFN: ``out[o[e]:o[e+1]] = x[o[e]:o[e+1]] @ w[e].T``.
+
+    Parameters
+    ----------
+    x : Tensor [M, K]
+        Token rows in expert order (as ``moe_permute`` writes them for the compact layout).
+    w : Tensor [E, N, K]
+        One ``nn.Linear`` weight (``[out, in]``) per expert, x's dtype.
+    expert_offsets : Tensor [E + 1] int32 or int64
+        ``moe_layout``'s ``expert_offsets``: non-decreasing, in ``[0, M]``.
+
+    Returns
+    -------
+    Tensor [M, N] in x's dtype, float32 accumulation; rows outside ``[o[0], o[E])`` are zero.
+    On CUDA, bf16 with N and K multiples of 8 runs a CUTLASS grouped GEMM without a host sync
+    (offsets are then not validated: out-of-range values are clamped); otherwise one matmul per
+    expert.
+    """
+    return _ops.expert_gemm(x, w, expert_offsets)

@@ -561,3 +561,14 @@ def paged_tree_attention(q, kv_cache, block_tables, ctx_lens, tree_lens, q_offse
         s = s.masked_fill(~vis[:, None, :], float("-inf"))
         out[q0:q1] = torch.einsum("thn,nhd->thd", s.softmax(-1), v).to(q.dtype)
     return out
+
+# ---- Expert FFN ----------------------------------------------------------------------------
+
+
+def expert_gemm(x, w, expert_offsets):
+    """One float32 matmul per expert segment; rows outside the segments are zero."""
+    out = torch.zeros(x.shape[0], w.shape[1], dtype=torch.float32, device=x.device)
+    o = [int(v) for v in expert_offsets]
+    for e in range(w.shape[0]):
+        out[o[e]:o[e + 1]] = x[o[e]:o[e + 1]].float() @ w[e].float().t()
+    return out.to(x.dtype)

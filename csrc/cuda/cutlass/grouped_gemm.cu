@@ -8,9 +8,11 @@
 // the grouped kernel schedules its tiles on the device (GroupScheduleMode::kDeviceOnly), so no
 // host synchronization is needed and the call can be captured in a CUDA graph.
 //
-// Status: compiled by scripts/cutlass_check.sh against nvidia-cutlass's headers; not linked into
-// the extension, not bound to Python, never run. A Hopper (SM90 TMA/WGMMA) variant is not
-// written yet.
+// Built into the extension under DISAGG_CUTLASS (cmake/cuda.cmake) as the bf16 path of the
+// expert_gemm op on CUDA (csrc/cuda/expert_gemm.cu), compiled without torch's headers; also
+// compiled alone by scripts/cutlass_check.sh. A Hopper (SM90 TMA/WGMMA) variant is not written yet.
+#include "grouped_gemm.h"
+
 #include <cuda_runtime.h>
 
 #include <cstddef>
@@ -65,14 +67,17 @@ inline Workspace workspace_layout(int num_experts) {
 namespace {
 
 __global__ void setup_kernel(const Element* a, const Element* w, Element* d,
-                             const int32_t* __restrict__ expert_offsets, int num_experts, int n,
-                             int k, cutlass::gemm::GemmCoord* problems, Element** ptr_a,
+                             const int32_t* __restrict__ expert_offsets, int num_experts,
+                             int64_t m_total, int n, int k, cutlass::gemm::GemmCoord* problems, Element** ptr_a,
                              Element** ptr_b, Element** ptr_c, LongIndex* lda, LongIndex* ldb,
                              LongIndex* ldc) {
   const int e = blockIdx.x * blockDim.x + threadIdx.x;
   if (e >= num_experts) return;
-  const int64_t begin = expert_offsets[e];
-  int64_t m = expert_offsets[e + 1] - begin;
+  // Offsets are not checked on the host (that would synchronize): clamp them into [0, m_total]
+  // and never let a problem reach before its start, so no row outside `a`/`d` is touched.
+  auto clamp = [m_total](int64_t v) { return v < 0 ? 0 : (v > m_total ? m_total : v); };
+  const int64_t begin = clamp(expert_offsets[e]);
+  int64_t m = clamp(expert_offsets[e + 1]) - begin;
   if (m < 0) m = 0;
   problems[e] = cutlass::gemm::GemmCoord(static_cast<int>(m), n, k);
   ptr_a[e] = const_cast<Element*>(a) + begin * k;
@@ -85,14 +90,19 @@ __global__ void setup_kernel(const Element* a, const Element* w, Element* d,
 
 }  // namespace
 
+size_t workspace_bytes(int num_experts) { return workspace_layout(num_experts).bytes; }
+
 // D = per-expert A @ W[e]^T as above. n and k must be multiples of 8 (16-byte accesses);
-// workspace holds workspace_layout(num_experts).bytes bytes, 256-byte aligned.
-cudaError_t run(const Element* a, const Element* w, Element* d, const int32_t* expert_offsets,
-                int num_experts, int n, int k, void* workspace, size_t workspace_bytes,
-                cudaStream_t stream) {
+// workspace holds workspace_bytes(num_experts) bytes, 256-byte aligned.
+cudaError_t run_bf16(const void* a_, const void* w_, void* d_, const int32_t* expert_offsets,
+                     int num_experts, int64_t m_total, int n, int k, void* workspace,
+                     size_t workspace_size, cudaStream_t stream) {
+  const auto* a = static_cast<const Element*>(a_);
+  const auto* w = static_cast<const Element*>(w_);
+  auto* d = static_cast<Element*>(d_);
   const Workspace ws = workspace_layout(num_experts);
   if (num_experts < 1 || n % kAlignment != 0 || k % kAlignment != 0 ||
-      workspace_bytes < ws.bytes)
+      workspace_size < ws.bytes)
     return cudaErrorInvalidValue;
   unsigned char* base = static_cast<unsigned char*>(workspace);
   auto* problems = reinterpret_cast<cutlass::gemm::GemmCoord*>(base + ws.problems);
@@ -103,8 +113,8 @@ cudaError_t run(const Element* a, const Element* w, Element* d, const int32_t* e
   auto* ldb = reinterpret_cast<LongIndex*>(base + ws.ldb);
   auto* ldc = reinterpret_cast<LongIndex*>(base + ws.ldc);
   setup_kernel<<<(num_experts + 127) / 128, 128, 0, stream>>>(a, w, d, expert_offsets,
-                                                             num_experts, n, k, problems, ptr_a,
-                                                             ptr_b, ptr_c, lda, ldb, ldc);
+                                                             num_experts, m_total, n, k, problems,
+                                                             ptr_a, ptr_b, ptr_c, lda, ldb, ldc);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   // One full wave of persistent blocks; the kernel walks the tiles of all problems itself.

@@ -14,6 +14,8 @@ FAMILIES = {
     "routing": "disagg.bench.routing",
     "kv": "disagg.bench.kv",
     "tree": "disagg.bench.tree",
+    "attention": "disagg.bench.attention",
+    "experts": "disagg.bench.experts",
 }
 # ``serve`` drives a running server over HTTP: it takes none of the op flags (--device,
 # --check, --min-run-time) and prints its own report.

@@ -78,6 +78,10 @@ class MoE:
         self.shared, self.shared_gate = shared, shared_gate
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:  # grouped GEMMs, no host sync (model/gpu_experts.py)
+            from .gpu_experts import moe_forward_gpu
+
+            return moe_forward_gpu(self, x)
         logits = F.linear(x, self.gate)
         r = ops.route(logits, self.top_k, renormalize=self.renormalize)
         E, I, k = self.num_experts, self.inter, self.top_k

@@ -38,8 +38,13 @@ class EPDispatcher:
     group : ProcessGroup, optional
         The expert-parallel group (default: the world when torch.distributed is initialized,
         otherwise a single local rank).
-    transport : "torch", "local" or an :class:`EPTransport`
-        How rows move. ``"torch"`` uses ``torch.distributed.all_to_all_single``.
+    transport : "torch", "local", "nvshmem" or an :class:`EPTransport`
+        How rows move. ``"torch"`` uses ``torch.distributed.all_to_all_single``; ``"nvshmem"``
+        puts rows into the peers' GPU buffers (:class:`~disagg.moe.nvshmem.NvshmemTransport`,
+        needs a CUDA build with ``DISAGG_NVSHMEM=ON`` and ``transport_options``).
+    transport_options : dict, optional
+        Keyword arguments of the ``"nvshmem"`` transport: ``max_tokens`` and ``hidden``
+        (required), ``top_k``, ``dtype``, ``fp8_dispatch``.
 
     Examples
     --------
@@ -50,11 +55,21 @@ class EPDispatcher:
     """
 
     def __init__(self, num_experts: int, group: Optional[dist.ProcessGroup] = None,
-                 transport: Union[str, EPTransport] = "torch"):
+                 transport: Union[str, EPTransport] = "torch",
+                 transport_options: Optional[dict] = None):
         if isinstance(transport, str):
-            if transport not in ("torch", "local"):
-                raise ValueError(f"transport must be 'torch', 'local' or an EPTransport, got {transport!r}")
-            if transport == "local" or not dist.is_initialized():
+            if transport not in ("torch", "local", "nvshmem"):
+                raise ValueError("transport must be 'torch', 'local', 'nvshmem' or an EPTransport, "
+                                 f"got {transport!r}")
+            if transport == "nvshmem":
+                from .nvshmem import NvshmemTransport
+
+                opts = dict(transport_options or {})
+                if "max_tokens" not in opts or "hidden" not in opts:
+                    raise ValueError("transport='nvshmem' needs transport_options with max_tokens "
+                                     "and hidden (they size the symmetric receive buffers)")
+                transport = NvshmemTransport(group=group, **opts)
+            elif transport == "local" or not dist.is_initialized():
                 transport = LocalTransport()
             else:
                 transport = TorchDistributedTransport(group)
@@ -96,7 +111,9 @@ class EPDispatcher:
         recv_counts = recv_counts[:, :L]
         send_splits = send_counts.sum(1).tolist()
         recv_splits = recv_counts.sum(1).tolist()
-        recv = self.transport.all_to_all(send, send_splits, recv_splits)
+        # a transport may send the dispatch direction differently (NVSHMEM: optional FP8 rows)
+        move = getattr(self.transport, "all_to_all_dispatch", self.transport.all_to_all)
+        recv = move(send, send_splits, recv_splits)
         # Received rows are grouped by source rank, then local expert; regroup by local expert.
         src_start = torch.cumsum(recv_counts.reshape(-1), 0) - recv_counts.reshape(-1)
         src_start = src_start.view(R, L)
@@ -105,9 +122,10 @@ class EPDispatcher:
                  for e in range(L) for s in range(R)]
         gather = torch.cat(order) if order else torch.zeros(0, dtype=torch.long)
         gather = gather.to(torch.int32)
-        recv_x = ops.moe_permute(recv, gather, 1)
         unsort = torch.empty_like(gather)
         unsort[gather.long()] = torch.arange(gather.numel(), dtype=torch.int32)
+        gather, unsort = gather.to(recv.device), unsort.to(recv.device)  # GPU transports
+        recv_x = ops.moe_permute(recv, gather, 1)
         handle = DispatchHandle(lay.dest, weights, send_splits, recv_splits, unsort, T)
         return recv_x, per_expert, handle
 
