@@ -3,99 +3,32 @@ tokens as with the torch transport and as the offline engine, streaming included
 disconnect mid-stream and a finished run leave no KV blocks in either pool."""
 from __future__ import annotations
 
-import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 
 import openai
+from test_serve import Server, _stream_and_drop
 
 PROMPTS = ["The quick brown fox", "def fib(n):", "Hello, world! " * 6]
 MAX_TOKENS = 10
+_COUNTERS = ("disagg_kv_transfer_bytes_total ", "disagg_kv_transfer_failures_total ",
+             "disagg_requests_aborted_total ")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class _Server:
-    def __init__(self, model, transport):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = dict(os.environ, OMP_NUM_THREADS="1")
-        env.pop("RANK", None)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "disagg.serve", "--model", model, "--prefill", "1",
-             "--decode", "1", "--port", str(self.port), "--num-blocks", "64", "--block-size",
-             "16", "--decode-block-size", "8", "--kv-transport", transport],
-            env=env, start_new_session=True)
-        t0 = time.time()
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except (urllib.error.URLError, OSError):
-                pass
-            if time.time() - t0 > 120:
-                self.stop()
-                raise TimeoutError("server did not become healthy")
-            time.sleep(0.3)
-
-    def metrics(self) -> dict:
-        with urllib.request.urlopen(self.url + "/metrics", timeout=30) as r:
-            text = r.read().decode()
-        out = {}
-        for line in text.splitlines():
-            if line.startswith("disagg_kv_blocks_used{"):
-                out[line.split('pool="')[1].split('"')[0]] = float(line.rsplit(" ", 1)[1])
-            elif line.startswith(("disagg_kv_transfer_bytes_total ",
-                                  "disagg_kv_transfer_failures_total ",
-                                  "disagg_requests_aborted_total ")):
-                out[line.split()[0]] = float(line.split()[1])
-        return out
-
-    def stop(self):
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGINT)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
-
-
-def _stream_and_drop(url, prompt, after_events):
-    """Open a stream, read ``after_events`` events, then close the socket (a disconnect)."""
-    host, port = url.split("//")[1].split(":")
-    body = json.dumps({"prompt": prompt, "max_tokens": 200, "stream": True, "temperature": 0,
-                       "ignore_eos": True}).encode()
-    with socket.create_connection((host, int(port)), timeout=30) as sk:
-        sk.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
-                   b"Content-Type: application/json\r\n"
-                   + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-        seen = b""
-        while seen.count(b"data: ") < after_events:
-            d = sk.recv(4096)
-            if not d:
-                break
-            seen += d
+def _metrics(s) -> dict:
+    """KV blocks in use per pool and the transfer/abort counters, from /metrics."""
+    out = s.pool_blocks()
+    _, text = s.get("/metrics")
+    for line in text.splitlines():
+        if line.startswith(_COUNTERS):
+            out[line.split()[0]] = float(line.split()[1])
+    return out
 
 
 def _run(model, transport, disconnects=False):
-    s = _Server(model, transport)
+    s = Server(model, "--kv-transport", transport)
     try:
         c = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=60)
         name = c.models.list().data[0].id
@@ -119,8 +52,7 @@ def _run(model, transport, disconnects=False):
                 t.join(timeout=60)
         deadline = time.time() + 30
         while True:
-            time.sleep(0.6)  # the workers' next stats report
-            m = s.metrics()
+            m = _metrics(s)  # after the workers' next stats report
             if (m["prefill"], m["decode"]) == (0.0, 0.0) or time.time() > deadline:
                 return ids, full, streamed, m
     finally:
