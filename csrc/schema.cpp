@@ -70,4 +70,13 @@ TORCH_LIBRARY(disagg, m) {
   m.def(
       "paged_decode_attention(Tensor q, Tensor kv_cache, Tensor block_tables, Tensor ctx_lens, "
       "float scale, int sliding_window=0) -> Tensor");
+
+  // ---- Model layers (decode hot path) -----------------------------------------------------
+  // x [T,H], ids [T,k] (-1 dropped), weights [T,k], w13 [E,2I,H] (gate rows then up rows),
+  // w2 [E,H,I] -> [T,H]: sum_k weights * SiLU-gated expert MLP, float32 accumulation
+  m.def("moe_experts(Tensor x, Tensor ids, Tensor weights, Tensor w13, Tensor w2) -> Tensor");
+  // x [...,H], weight [H] -> HF RMSNorm (float32 statistics)
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  // residual += x in place, then -> RMSNorm(residual)
+  m.def("add_rms_norm(Tensor(a!) residual, Tensor x, Tensor weight, float eps) -> Tensor");
 }

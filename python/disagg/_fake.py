@@ -121,3 +121,21 @@ def _tree_verify_sample_fake(logits, tokens, parents, num_nodes, temperature, to
 def _paged_decode_attention_fake(q, kv_cache, block_tables, ctx_lens, scale, sliding_window=0):
     torch._check(q.dim() == 3, lambda: "disagg.paged_decode_attention: q must be 3-D [B, Hq, D]")
     return torch.empty_like(q)
+
+# ---- Model layers (decode hot path) ---------------------------------------------------------
+
+
+@register_fake("disagg::moe_experts")
+def _moe_experts_fake(x, ids, weights, w13, w2):
+    torch._check(x.dim() == 2, lambda: "disagg.moe_experts: x must be 2-D [T, H]")
+    return x.new_empty(x.shape)
+
+
+@register_fake("disagg::rms_norm")
+def _rms_norm_fake(x, weight, eps):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@register_fake("disagg::add_rms_norm")
+def _add_rms_norm_fake(residual, x, weight, eps):
+    return torch.empty_like(residual)

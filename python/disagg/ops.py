@@ -484,3 +484,54 @@ def paged_decode_attention(
     Tensor [B, Hq, D] in q's dtype; query head ``h`` uses KV head ``h // (Hq // Hkv)``.
     """
     return _ops.paged_decode_attention(q, kv_cache, block_tables, ctx_lens, scale, sliding_window)
+
+# ---- Model layers (decode hot path) ---------------------------------------------------------
+
+
+def moe_experts(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+) -> torch.Tensor:
+    """The routed experts of a few tokens in one call: each token's top-k SiLU-gated MLPs and
+    their weighted sum, reading each used expert's weights once for all its tokens.
+
+    Meant for decode-sized batches; for large ones (prefill) ``moe_layout`` / ``moe_permute``
+    / matmuls / ``moe_combine`` is faster.
+
+    Parameters
+    ----------
+    x : Tensor [T, H]
+        Tokens (float32, bfloat16 or float16).
+    ids : Tensor [T, k] int32 or int64
+        Expert of each assignment (``route``'s ids); -1 = dropped (adds nothing).
+    weights : Tensor [T, k]
+        Weight of each assignment (``route``'s weights); computed in float32.
+    w13 : Tensor [E, 2I, H], x's dtype, contiguous
+        Per expert the gate projection's rows then the up projection's (HF's fused
+        ``gate_up_proj`` layout; Mixtral's ``w1`` then ``w3``).
+    w2 : Tensor [E, H, I], x's dtype, contiguous
+        The down projection.
+
+    Returns
+    -------
+    Tensor [T, H] in x's dtype:
+    ``sum_k weights[t,k] * w2[e] @ (silu(w13[e,:I] @ x[t]) * (w13[e,I:] @ x[t]))``,
+    ``e = ids[t,k]``, accumulated in float32 and rounded once.
+    """
+    return _ops.moe_experts(x, ids, weights, w13, w2)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim as HF computes it: float32 statistics, the normalised value
+    cast to x's dtype, then scaled by ``weight`` (x's dtype)."""
+    return _ops.rms_norm(x, weight, eps)
+
+
+def add_rms_norm(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> torch.Tensor:
+    """``residual += x`` in place (contiguous ``residual``), then ``rms_norm(residual)``: the
+    residual add and the next norm of a pre-norm layer in one pass."""
+    return _ops.add_rms_norm(residual, x, weight, eps)

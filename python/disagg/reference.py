@@ -527,3 +527,35 @@ def paged_decode_attention(q, kv_cache, block_tables, ctx_lens, scale, sliding_w
         s = torch.einsum("hd,nhd->hn", q[b].float() * scale, k)
         out[b] = torch.einsum("hn,nhd->hd", s.softmax(-1), v).to(q.dtype)
     return out
+
+# ---- Model layers (decode hot path) ---------------------------------------------------------
+
+
+def moe_experts(x, ids, weights, w13, w2):
+    """Each assignment's SiLU-gated MLP in float32, summed per token in k order."""
+    T, H = x.shape
+    inter = w2.shape[2]
+    xf = x.float()
+    out = torch.zeros(T, H, dtype=torch.float32)
+    for j in range(ids.shape[1]):
+        for t in range(T):
+            e = int(ids[t, j])
+            if e < 0:
+                continue
+            h = w13[e].float() @ xf[t]
+            a = torch.nn.functional.silu(h[:inter]) * h[inter:]
+            out[t] += float(weights[t, j]) * (w2[e].float() @ a)
+    return out.to(x.dtype)
+
+
+def rms_norm(x, weight, eps):
+    """HF's RMSNorm: float32 statistics, cast back, then scale."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def add_rms_norm(residual, x, weight, eps):
+    """``residual += x`` (in place), then ``rms_norm(residual)``."""
+    residual.add_(x)
+    return rms_norm(residual, weight, eps)

@@ -21,13 +21,8 @@ _DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.b
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """HF's RMSNorm: normalise in float32, cast back, then scale."""
-    if x.dtype == torch.float32:
-        # The fused op computes exactly this in float32, in one call instead of six.
-        return F.rms_norm(x, (x.shape[-1],), weight, eps)
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+    """HF's RMSNorm (normalise in float32, cast back, then scale), one ``rms_norm`` op call."""
+    return ops.rms_norm(x, weight, eps)
 
 
 def _act(name: str):
@@ -51,55 +46,65 @@ class DenseMLP:
 
 
 class MoE:
-    """Routed experts: ``route`` -> ``moe_layout`` -> ``moe_permute`` -> expert matmuls ->
-    ``moe_combine``; plus Qwen2-MoE's gated shared expert.
+    """Routed experts: ``route``, then the experts, then the weighted combine; plus
+    Qwen2-MoE's gated shared expert.
 
-    The expert matmuls run one of two ways over the same ops' layouts: for small batches
-    (decode) the padded ``[E, capacity, H]`` layout and one batched matmul pair for all experts,
-    since a Python loop over experts costs more than the padding; for large batches (prefill)
-    the compact layout and one matmul pair per expert over its ``expert_offsets`` segment.
+    The experts run one of three ways. Decode-sized batches (up to ``FUSED_MAX_ROWS``
+    assignments, SiLU MLPs) make one ``moe_experts`` call, which reads each used expert's
+    weights once for all its tokens and combines in float32. Larger batches go through
+    ``moe_layout`` -> ``moe_permute`` -> matmuls -> ``moe_combine``: the padded
+    ``[E, capacity, H]`` layout with one batched matmul pair while padding stays cheap, else
+    the compact layout with one matmul pair per expert over its ``expert_offsets`` segment
+    (prefill).
 
     Parameters
     ----------
     gate : Tensor [E, H]
         Router weight.
     gate_up : Tensor [E, 2I, H]; down : Tensor [E, H, I]
-        As stored by HF; kept transposed (``[E, H, 2I]``, ``[E, I, H]``) for the matmuls.
+        As stored by HF (kept as ``w13``, ``w2``; the matmul paths use transposed views).
     """
+
+    FUSED_MAX_ROWS = 64
 
     def __init__(self, gate, gate_up, down, top_k: int, renormalize: bool, act,
                  shared: Optional[DenseMLP] = None, shared_gate: Optional[torch.Tensor] = None):
         self.gate = gate
-        self.w13 = gate_up.transpose(1, 2).contiguous()
-        self.w2 = down.transpose(1, 2).contiguous()
+        self.w13 = gate_up.contiguous()
+        self.w2 = down.contiguous()
         self.num_experts = gate.shape[0]
         self.inter = down.shape[2]
         self.top_k, self.renormalize, self.act = top_k, renormalize, act
         self.shared, self.shared_gate = shared, shared_gate
+        self.fused = act is F.silu
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         logits = F.linear(x, self.gate)
         r = ops.route(logits, self.top_k, renormalize=self.renormalize)
         E, I, k = self.num_experts, self.inter, self.top_k
         rows = x.shape[0] * k
-        cap = int(r.counts.max())
-        if rows <= 512 and E * cap <= 2 * rows:
-            lay = ops.moe_layout(r.ids, E, capacity=cap, slots=r.slots)
-            xp = ops.moe_permute(x, lay.src, k).view(E, cap, -1)
-            h = torch.bmm(xp, self.w13)
-            y = torch.bmm(self.act(h[..., :I]) * h[..., I:], self.w2).view(E * cap, -1)
+        if self.fused and rows <= self.FUSED_MAX_ROWS:
+            out = ops.moe_experts(x, r.ids, r.weights, self.w13, self.w2)
         else:
-            lay = ops.moe_layout(r.ids, E)
-            xp = ops.moe_permute(x, lay.src, k)
-            y = torch.empty_like(xp)
-            offs = lay.expert_offsets.tolist()
-            for e in range(E):
-                s, t = offs[e], offs[e + 1]
-                if t == s:
-                    continue
-                h = torch.mm(xp[s:t], self.w13[e])
-                torch.mm(self.act(h[:, :I]) * h[:, I:], self.w2[e], out=y[s:t])
-        out = ops.moe_combine(y, lay.dest, r.weights, out_dtype=x.dtype)
+            w13t, w2t = self.w13.transpose(1, 2), self.w2.transpose(1, 2)
+            cap = int(r.counts.max())
+            if rows <= 512 and E * cap <= 2 * rows:
+                lay = ops.moe_layout(r.ids, E, capacity=cap, slots=r.slots)
+                xp = ops.moe_permute(x, lay.src, k).view(E, cap, -1)
+                h = torch.bmm(xp, w13t)
+                y = torch.bmm(self.act(h[..., :I]) * h[..., I:], w2t).view(E * cap, -1)
+            else:
+                lay = ops.moe_layout(r.ids, E)
+                xp = ops.moe_permute(x, lay.src, k)
+                y = torch.empty_like(xp)
+                offs = lay.expert_offsets.tolist()
+                for e in range(E):
+                    s, t = offs[e], offs[e + 1]
+                    if t == s:
+                        continue
+                    h = torch.mm(xp[s:t], w13t[e])
+                    torch.mm(self.act(h[:, :I]) * h[:, I:], w2t[e], out=y[s:t])
+            out = ops.moe_combine(y, lay.dest, r.weights, out_dtype=x.dtype)
         if self.shared is not None:
             out = out + torch.sigmoid(F.linear(x, self.shared_gate)) * self.shared(x)
         return out
@@ -127,9 +132,16 @@ class DecoderLayer:
 
     def project_qkv(self, h: torch.Tensor, cos, sin):
         """Input norm, fused QKV projection, optional q/k norms and RoPE: ``(q, k, v)`` with
-        ``[N, heads, head_dim]`` shapes (this layer's heads: all, or a TP rank's share)."""
+        ``[N, heads, head_dim]`` shapes (this layer's heads: all, or a TP rank's share).
+
+        The parallel layers call it unbound on themselves (same attributes), hence the
+        explicit class in the call below."""
+        x = rms_norm(h, self.w["input_norm"], self.cfg.rms_norm_eps)
+        return DecoderLayer.qkv_rope(self, x, cos, sin)
+
+    def qkv_rope(self, x: torch.Tensor, cos, sin):
+        """:meth:`project_qkv` after the input norm (``x`` already normalised)."""
         w, eps = self.w, self.cfg.rms_norm_eps
-        x = rms_norm(h, w["input_norm"], eps)
         qkv = F.linear(x, w["qkv"], w.get("qkv_bias"))
         N = qkv.shape[0]
         qs, ks = self.q_size, self.kv_size
@@ -146,12 +158,24 @@ class DecoderLayer:
 
     def __call__(self, h: torch.Tensor, cos, sin, meta: AttentionMetadata,
                  cache: torch.Tensor) -> torch.Tensor:
-        w, eps = self.w, self.cfg.rms_norm_eps
-        q, k, v = self.project_qkv(h, cos, sin)
+        """The layer on hidden states ``h``; returns the new hidden states (``h`` untouched)."""
+        h = h.clone()
+        x = rms_norm(h, self.w["input_norm"], self.cfg.rms_norm_eps)
+        m = self.forward_fused(h, x, cos, sin, meta, cache)
+        h += m
+        return h
+
+    def forward_fused(self, h: torch.Tensor, x: torch.Tensor, cos, sin, meta: AttentionMetadata,
+                      cache: torch.Tensor) -> torch.Tensor:
+        """The layer on the residual stream ``h`` (updated in place with the attention
+        output) and its normalised input ``x``; returns the MLP output, which the caller adds
+        to ``h`` together with the next norm (one ``add_rms_norm``)."""
+        w = self.w
+        q, k, v = self.qkv_rope(x, cos, sin)
         N = q.shape[0]
         a = paged_attention(q, k, v, cache, meta, self.scale)
-        h = h + F.linear(a.reshape(N, self.q_size), w["o"], w.get("o_bias"))
-        return h + self.mlp(rms_norm(h, w["post_norm"], eps))
+        o = F.linear(a.reshape(N, self.q_size), w["o"], w.get("o_bias"))
+        return self.mlp(ops.add_rms_norm(h, o, w["post_norm"], self.cfg.rms_norm_eps))
 
 
 class CausalLM:
@@ -271,11 +295,16 @@ class CausalLM:
         -------
         Tensor [M, vocab] float32 logits.
         """
-        h = self.embed[input_ids]
+        eps = self.config.rms_norm_eps
+        h = self.embed[input_ids]  # a fresh tensor: the residual stream, updated in place
         cos, sin = self.rope.cos_sin(positions, self.dtype)
-        for layer, cache in zip(self.layers, kv_caches):
-            h = layer(h, cos, sin, meta, cache)
+        layers = self.layers
+        x = ops.rms_norm(h, layers[0].w["input_norm"], eps)
+        for i, (layer, cache) in enumerate(zip(layers, kv_caches)):
+            m = layer.forward_fused(h, x, cos, sin, meta, cache)
+            # this layer's residual add fused with the next layer's input norm (or the final one)
+            nxt = layers[i + 1].w["input_norm"] if i + 1 < len(layers) else self.norm
+            x = ops.add_rms_norm(h, m, nxt, eps)
         if logits_rows is not None:
-            h = h[logits_rows]
-        h = rms_norm(h, self.norm, self.config.rms_norm_eps)
-        return F.linear(h, self.lm_head).float()
+            x = x[logits_rows]
+        return F.linear(x, self.lm_head).float()
