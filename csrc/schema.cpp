@@ -79,4 +79,10 @@ TORCH_LIBRARY(disagg, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   // residual += x in place, then -> RMSNorm(residual)
   m.def("add_rms_norm(Tensor(a!) residual, Tensor x, Tensor weight, float eps) -> Tensor");
+  // decode from the fused projection: qkv [B,(Hq+2Hkv)*D], cos/sin [B,D] -> RoPE on q and k,
+  // K/V written at position ctx_lens-1 of each block table, then attention -> [B,Hq,D]
+  m.def(
+      "paged_decode_attention_rope(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) kv_cache, "
+      "Tensor block_tables, Tensor ctx_lens, int num_heads, float scale, int sliding_window=0)"
+      " -> Tensor");
 }

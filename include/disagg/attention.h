@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "disagg/common.h"
@@ -202,6 +203,56 @@ Status paged_decode_attention_cpu(const T* q, int64_t B, int64_t Hq, int64_t D, 
     }
   }
   return Status::kOk;
+}
+
+// Decode attention for a step's new tokens straight from the fused QKV projection: RoPE on
+// q and k, the new K/V appended to the cache, then paged_decode_attention_cpu. qkv [B, (Hq +
+// 2 Hkv) * D] holds each token's q heads, k heads, v heads; cos, sin [B, D] are HF's rotary
+// tables at each token's position (rotate-half convention: x * cos + rotate_half(x) * sin,
+// computed in float32 and rounded to T); the new token sits at position ctx_lens[b] - 1 of its
+// block table, where its K/V are written. q_scratch holds B * Hq * D elements (the rotated q).
+// D must be even. Returns kInvalidArgument (writing nothing) on the same conditions as
+// paged_decode_attention_cpu.
+template <typename T, typename Idx>
+Status paged_decode_attention_rope_cpu(const T* qkv, int64_t B, int64_t Hq, int64_t D,
+                                       const T* cos, const T* sin, T* cache, int64_t num_blocks,
+                                       int64_t block_size, int64_t Hkv, const Idx* block_tables,
+                                       int64_t max_blocks, const Idx* ctx_lens, float scale,
+                                       int64_t sliding_window, T* q_scratch, T* out,
+                                       int num_threads = 1) {
+  if (Hkv <= 0 || Hq % Hkv != 0 || block_size <= 0 || D % 2 != 0) return Status::kInvalidArgument;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t L = static_cast<int64_t>(ctx_lens[b]);
+    if (L < 1 || L > max_blocks * block_size) return Status::kInvalidArgument;
+    const int64_t used = (L + block_size - 1) / block_size;
+    for (int64_t i = 0; i < used; ++i) {
+      const int64_t blk = static_cast<int64_t>(block_tables[b * max_blocks + i]);
+      if (blk < 0 || blk >= num_blocks) return Status::kInvalidArgument;
+    }
+  }
+  const int64_t half = D / 2, width = (Hq + 2 * Hkv) * D;
+  const int64_t row = Hkv * D, kv_stride = block_size * row, blk_stride = 2 * kv_stride;
+  auto rope = [&](const T* x, const T* c, const T* s, T* o) {
+    for (int64_t d = 0; d < half; ++d) {
+      const float x1 = to_float(x[d]), x2 = to_float(x[d + half]);
+      o[d] = from_float<T>(x1 * to_float(c[d]) - x2 * to_float(s[d]));
+      o[d + half] = from_float<T>(x2 * to_float(c[d + half]) + x1 * to_float(s[d + half]));
+    }
+  };
+  for (int64_t b = 0; b < B; ++b) {
+    const T* src = qkv + b * width;
+    const T* c = cos + b * D;
+    const T* sn = sin + b * D;
+    for (int64_t h = 0; h < Hq; ++h) rope(src + h * D, c, sn, q_scratch + (b * Hq + h) * D);
+    const int64_t p = static_cast<int64_t>(ctx_lens[b]) - 1;
+    T* kdst = cache + static_cast<int64_t>(block_tables[b * max_blocks + p / block_size]) *
+                          blk_stride + (p % block_size) * row;
+    for (int64_t h = 0; h < Hkv; ++h) rope(src + (Hq + h) * D, c, sn, kdst + h * D);
+    std::memcpy(kdst + kv_stride, src + (Hq + Hkv) * D, sizeof(T) * row);
+  }
+  return paged_decode_attention_cpu<T, Idx>(q_scratch, B, Hq, D, cache, num_blocks, block_size,
+                                            Hkv, block_tables, max_blocks, ctx_lens, scale,
+                                            sliding_window, out, num_threads);
 }
 
 }  // namespace disagg

@@ -139,3 +139,10 @@ def _rms_norm_fake(x, weight, eps):
 @register_fake("disagg::add_rms_norm")
 def _add_rms_norm_fake(residual, x, weight, eps):
     return torch.empty_like(residual)
+
+
+@register_fake("disagg::paged_decode_attention_rope")
+def _paged_decode_attention_rope_fake(qkv, cos, sin, kv_cache, block_tables, ctx_lens,
+                                      num_heads, scale, sliding_window=0):
+    torch._check(qkv.dim() == 2, lambda: "disagg.paged_decode_attention_rope: qkv must be 2-D")
+    return qkv.new_empty((qkv.shape[0], num_heads, kv_cache.shape[-1]))

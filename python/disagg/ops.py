@@ -535,3 +535,38 @@ def add_rms_norm(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     """``residual += x`` in place (contiguous ``residual``), then ``rms_norm(residual)``: the
     residual add and the next norm of a pre-norm layer in one pass."""
     return _ops.add_rms_norm(residual, x, weight, eps)
+
+
+def paged_decode_attention_rope(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    ctx_lens: torch.Tensor,
+    num_heads: int,
+    scale: float,
+    sliding_window: int = 0,
+) -> torch.Tensor:
+    """A decode step's attention from the fused QKV projection, in one call: RoPE on q and k,
+    each token's K/V appended to the paged cache, then :func:`paged_decode_attention`.
+
+    Parameters
+    ----------
+    qkv : Tensor [B, (num_heads + 2 Hkv) * D], contiguous
+        One new token per sequence: its q heads, then k heads, then v heads.
+    cos, sin : Tensor [B, D], qkv's dtype
+        HF's rotary tables at each token's position (rotate-half convention:
+        ``x * cos + rotate_half(x) * sin``, computed in float32).
+    kv_cache : Tensor [num_blocks, 2, block_size, Hkv, D], modified in place
+        The new token's K (rotated) and V are written at position ``ctx_lens[b] - 1`` of
+        ``block_tables[b]``.
+    block_tables, ctx_lens, scale, sliding_window
+        As for :func:`paged_decode_attention`; ``ctx_lens`` includes the new token.
+
+    Returns
+    -------
+    Tensor [B, num_heads, D] in qkv's dtype.
+    """
+    return _ops.paged_decode_attention_rope(qkv, cos, sin, kv_cache, block_tables, ctx_lens,
+                                            num_heads, scale, sliding_window)

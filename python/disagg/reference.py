@@ -559,3 +559,22 @@ def add_rms_norm(residual, x, weight, eps):
     """``residual += x`` (in place), then ``rms_norm(residual)``."""
     residual.add_(x)
     return rms_norm(residual, weight, eps)
+
+
+def paged_decode_attention_rope(qkv, cos, sin, kv_cache, block_tables, ctx_lens, num_heads,
+                                scale, sliding_window=0):
+    """RoPE on q and k (float32, rounded to qkv's dtype), K/V written at position
+    ``ctx_len - 1`` of each block table, then :func:`paged_decode_attention`."""
+    B = qkv.shape[0]
+    bs, hkv, d = kv_cache.shape[2], kv_cache.shape[3], kv_cache.shape[4]
+    x = qkv.view(B, num_heads + 2 * hkv, d)
+    xf, c, s = x.float(), cos.float()[:, None, :], sin.float()[:, None, :]
+    rot = torch.cat((-xf[..., d // 2:], xf[..., :d // 2]), -1)
+    qk = (xf * c + rot * s).to(qkv.dtype)
+    for b in range(B):
+        p = int(ctx_lens[b]) - 1
+        blk = int(block_tables[b, p // bs])
+        kv_cache[blk, 0, p % bs] = qk[b, num_heads:num_heads + hkv]
+        kv_cache[blk, 1, p % bs] = x[b, num_heads + hkv:]
+    return paged_decode_attention(qk[:, :num_heads].contiguous(), kv_cache, block_tables,
+                                  ctx_lens, scale, sliding_window)

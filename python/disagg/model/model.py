@@ -49,23 +49,24 @@ class MoE:
     """Routed experts: ``route``, then the experts, then the weighted combine; plus
     Qwen2-MoE's gated shared expert.
 
-    The experts run one of three ways. Decode-sized batches (up to ``FUSED_MAX_ROWS``
-    assignments, SiLU MLPs) make one ``moe_experts`` call, which reads each used expert's
-    weights once for all its tokens and combines in float32. Larger batches go through
-    ``moe_layout`` -> ``moe_permute`` -> matmuls -> ``moe_combine``: the padded
-    ``[E, capacity, H]`` layout with one batched matmul pair while padding stays cheap, else
-    the compact layout with one matmul pair per expert over its ``expert_offsets`` segment
-    (prefill).
+    With SiLU experts (every supported family) one ``moe_experts`` call does the experts and
+    the combine for any number of tokens: it reads each used expert's weights once for all its
+    tokens and needs no permuted copy. Measured on one core of the benchmark CPU it beat the
+    layout path below at every size tried (top-2 of 8 experts, hidden 128 / 256: 57 vs 215 us
+    and 231 vs 1076 us at 16 tokens, 3.8 vs 4.9 ms and 10.7 vs 18.5 ms at 1024 tokens), and
+    its result for a token does not depend on the other tokens of the batch. Other
+    activations go through ``moe_layout`` -> ``moe_permute`` -> matmuls -> ``moe_combine``: the
+    padded ``[E, capacity, H]`` layout with one batched matmul pair while padding stays cheap,
+    else the compact layout with one matmul pair per expert over its ``expert_offsets``
+    segment.
 
     Parameters
     ----------
     gate : Tensor [E, H]
         Router weight.
     gate_up : Tensor [E, 2I, H]; down : Tensor [E, H, I]
-        As stored by HF (kept as ``w13``, ``w2``; the matmul paths use transposed views).
+        As stored by HF (kept as ``w13``, ``w2``; the matmul path uses transposed views).
     """
-
-    FUSED_MAX_ROWS = 64
 
     def __init__(self, gate, gate_up, down, top_k: int, renormalize: bool, act,
                  shared: Optional[DenseMLP] = None, shared_gate: Optional[torch.Tensor] = None):
@@ -83,7 +84,7 @@ class MoE:
         r = ops.route(logits, self.top_k, renormalize=self.renormalize)
         E, I, k = self.num_experts, self.inter, self.top_k
         rows = x.shape[0] * k
-        if self.fused and rows <= self.FUSED_MAX_ROWS:
+        if self.fused:
             out = ops.moe_experts(x, r.ids, r.weights, self.w13, self.w2)
         else:
             w13t, w2t = self.w13.transpose(1, 2), self.w2.transpose(1, 2)
@@ -129,6 +130,9 @@ class DecoderLayer:
         self.q_size = self.nh * self.hd
         self.kv_size = self.nkv * self.hd
         self.scale = self.hd ** -0.5
+        # Decode steps take one fused op (RoPE, K/V append, attention) unless q/k are
+        # normalised between the projection and RoPE.
+        self.fused_decode = "q_norm" not in w
 
     def project_qkv(self, h: torch.Tensor, cos, sin):
         """Input norm, fused QKV projection, optional q/k norms and RoPE: ``(q, k, v)`` with
@@ -166,14 +170,23 @@ class DecoderLayer:
         return h
 
     def forward_fused(self, h: torch.Tensor, x: torch.Tensor, cos, sin, meta: AttentionMetadata,
-                      cache: torch.Tensor) -> torch.Tensor:
+                      cache: torch.Tensor, decode_rope=None) -> torch.Tensor:
         """The layer on the residual stream ``h`` (updated in place with the attention
         output) and its normalised input ``x``; returns the MLP output, which the caller adds
-        to ``h`` together with the next norm (one ``add_rms_norm``)."""
+        to ``h`` together with the next norm (one ``add_rms_norm``).
+
+        ``decode_rope``: HF's ``(cos, sin)`` for a step of decode tokens only; the attention
+        is then one ``paged_decode_attention_rope`` call from the fused projection."""
         w = self.w
-        q, k, v = self.qkv_rope(x, cos, sin)
-        N = q.shape[0]
-        a = paged_attention(q, k, v, cache, meta, self.scale)
+        N = x.shape[0]
+        if decode_rope is not None and self.fused_decode:
+            qkv = F.linear(x, w["qkv"], w.get("qkv_bias"))
+            a = ops.paged_decode_attention_rope(
+                qkv, decode_rope[0], decode_rope[1], cache, meta.decode_block_tables,
+                meta.decode_ctx_lens, self.nh, self.scale, meta.sliding_window or 0)
+        else:
+            q, k, v = self.qkv_rope(x, cos, sin)
+            a = paged_attention(q, k, v, cache, meta, self.scale)
         o = F.linear(a.reshape(N, self.q_size), w["o"], w.get("o_bias"))
         return self.mlp(ops.add_rms_norm(h, o, w["post_norm"], self.cfg.rms_norm_eps))
 
@@ -297,11 +310,18 @@ class CausalLM:
         """
         eps = self.config.rms_norm_eps
         h = self.embed[input_ids]  # a fresh tensor: the residual stream, updated in place
-        cos, sin = self.rope.cos_sin(positions, self.dtype)
+        N = h.shape[0]
+        decode_rope = cos = sin = None
+        if N and meta.num_decode == N and not meta.prefills:
+            # every row a decode token at the end of its sequence: its position is ctx_len - 1
+            decode_rope = self.rope.cos_sin_hf(positions, self.dtype,
+                                               int(positions.max()))
+        if decode_rope is None or not all(layer.fused_decode for layer in self.layers):
+            cos, sin = self.rope.cos_sin(positions, self.dtype)
         layers = self.layers
         x = ops.rms_norm(h, layers[0].w["input_norm"], eps)
         for i, (layer, cache) in enumerate(zip(layers, kv_caches)):
-            m = layer.forward_fused(h, x, cos, sin, meta, cache)
+            m = layer.forward_fused(h, x, cos, sin, meta, cache, decode_rope)
             # this layer's residual add fused with the next layer's input norm (or the final one)
             nxt = layers[i + 1].w["input_norm"] if i + 1 < len(layers) else self.norm
             x = ops.add_rms_norm(h, m, nxt, eps)
