@@ -85,4 +85,6 @@ TORCH_LIBRARY(disagg, m) {
       "paged_decode_attention_rope(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) kv_cache, "
       "Tensor block_tables, Tensor ctx_lens, int num_heads, float scale, int sliding_window=0)"
       " -> Tensor");
+  // x [...,K], weight [M,K] (HF layout), bias [M]? -> [...,M], float32 accumulation
+  m.def("linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
 }

@@ -1,4 +1,4 @@
-"""moe_experts, rms_norm, add_rms_norm: reference equality, opcheck, compile, bad input."""
+"""moe_experts, rms_norm, add_rms_norm, linear: reference equality, opcheck, compile, bad input."""
 import pytest
 import torch
 
@@ -170,3 +170,56 @@ def test_norms_bad_input():
         ops.add_rms_norm(x.t().contiguous().t(), x, w, 1e-6)
     with pytest.raises(ValueError, match="x must be"):
         ops.add_rms_norm(x.clone(), x.bfloat16(), w, 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(16, 128, 256), (1, 37, 5), (70, 33, 130), (3, 2, 1)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_matches_reference(dtype, shape, with_bias):
+    N, K, M = shape
+    g = torch.Generator().manual_seed(N * K + M)
+    x = torch.randn(N, K, generator=g).to(dtype)
+    w = (torch.randn(M, K, generator=g) / K ** 0.5).to(dtype)
+    b = torch.randn(M, generator=g).to(dtype) if with_bias else None
+    out = ops.linear(x, w, b)
+    torch.testing.assert_close(out, reference.linear(x, w, b), **TOL[dtype])
+    # a token's output does not depend on the rest of the batch
+    assert torch.equal(ops.linear(x[-1:], w, b), out[-1:])
+
+
+def test_linear_shapes_threads_opcheck_compile():
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(2, 5, 64, generator=g), torch.randn(96, 64, generator=g)
+    assert ops.linear(x, w).shape == (2, 5, 96)
+    torch.testing.assert_close(ops.linear(x, w), x @ w.t(), atol=1e-5, rtol=1e-5)
+    big = torch.randn(300, 256, generator=g)
+    wb = torch.randn(512, 256, generator=g)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.linear(big, wb)
+        torch.set_num_threads(2)
+        two = ops.linear(big, wb)
+    finally:
+        torch.set_num_threads(n)
+    assert torch.equal(one, two)
+    torch.library.opcheck(torch.ops.disagg.linear.default, (x[0], w, torch.randn(96)))
+    torch.library.opcheck(torch.ops.disagg.linear.default, (x[0], w, None))
+    f = torch.compile(ops.linear, fullgraph=True)
+    torch.testing.assert_close(f(x, w, None), ops.linear(x, w))
+
+
+def test_linear_bad_input():
+    x, w = torch.randn(3, 8), torch.randn(4, 8)
+    with pytest.raises(ValueError, match=r"weight must be \[M, K=8\]"):
+        ops.linear(x, w[:, :6].contiguous())
+    with pytest.raises(ValueError, match="weight must be contiguous"):
+        ops.linear(x, torch.randn(8, 4).t())
+    with pytest.raises(ValueError, match="bias must have M=4"):
+        ops.linear(x, w, torch.randn(3))
+    with pytest.raises(ValueError, match="weight must be"):
+        ops.linear(x, w.double())
+    with pytest.raises(ValueError, match="x must be float32"):
+        ops.linear(x.long(), w.long())
+    with pytest.raises(ValueError, match="weight must be 2-D"):
+        ops.linear(x, w[0])

@@ -11,6 +11,7 @@
 
 #include "disagg/common.h"
 #include "disagg/cpu_vec.h"
+#include "disagg/dot_tile.h"
 
 namespace disagg {
 
@@ -49,79 +50,8 @@ static inline void silu_mul(bool avx512, float* g, const float* u, int64_t n) {
   silu_mul_scalar(g, u, n);
 }
 
-// out[i][r] = dot(a[i][0:n], w[r][0:n]) for i < nt, r < 4; activations float32, weights T.
-template <typename T>
-static inline void dot_tile_scalar(const float* const* a, int nt, const T* const* w, int64_t n,
-                                   float out[][4]) {
-  for (int i = 0; i < nt; ++i)
-    for (int r = 0; r < 4; ++r) {
-      float s = 0.f;
-      const float* ai = a[i];
-      const T* wr = w[r];
-#pragma omp simd reduction(+ : s)
-      for (int64_t d = 0; d < n; ++d) s += ai[d] * to_float(wr[d]);
-      out[i][r] = s;
-    }
-}
-
-#if DISAGG_HAVE_AVX512_PATH
-template <int NT, typename T>
-DISAGG_AVX512 static inline void dot_tile_512(const float* const* a, const T* const* w, int64_t n,
-                                              float out[][4]) {
-  __m512 acc[NT][4];
-  for (int i = 0; i < NT; ++i)
-    for (int r = 0; r < 4; ++r) acc[i][r] = _mm512_setzero_ps();
-  int64_t d = 0;
-  for (; d + 16 <= n; d += 16) {
-    const __m512 w0 = v512::load(w[0] + d), w1 = v512::load(w[1] + d);
-    const __m512 w2 = v512::load(w[2] + d), w3 = v512::load(w[3] + d);
-    for (int i = 0; i < NT; ++i) {
-      const __m512 x = _mm512_loadu_ps(a[i] + d);
-      acc[i][0] = _mm512_fmadd_ps(x, w0, acc[i][0]);
-      acc[i][1] = _mm512_fmadd_ps(x, w1, acc[i][1]);
-      acc[i][2] = _mm512_fmadd_ps(x, w2, acc[i][2]);
-      acc[i][3] = _mm512_fmadd_ps(x, w3, acc[i][3]);
-    }
-  }
-  if (d < n) {
-    const __mmask16 m = v512::tail_mask(n - d);
-    const __m512 w0 = v512::load(w[0] + d, m), w1 = v512::load(w[1] + d, m);
-    const __m512 w2 = v512::load(w[2] + d, m), w3 = v512::load(w[3] + d, m);
-    for (int i = 0; i < NT; ++i) {
-      const __m512 x = _mm512_maskz_loadu_ps(m, a[i] + d);
-      acc[i][0] = _mm512_fmadd_ps(x, w0, acc[i][0]);
-      acc[i][1] = _mm512_fmadd_ps(x, w1, acc[i][1]);
-      acc[i][2] = _mm512_fmadd_ps(x, w2, acc[i][2]);
-      acc[i][3] = _mm512_fmadd_ps(x, w3, acc[i][3]);
-    }
-  }
-  for (int i = 0; i < NT; ++i)
-    _mm_storeu_ps(out[i], v512::reduce4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]));
-}
-
-template <typename T>
-DISAGG_AVX512 static void dot_tile_avx512(const float* const* a, int nt, const T* const* w,
-                                          int64_t n, float out[][4]) {
-  switch (nt) {
-    case 1: dot_tile_512<1>(a, w, n, out); break;
-    case 2: dot_tile_512<2>(a, w, n, out); break;
-    case 3: dot_tile_512<3>(a, w, n, out); break;
-    default: dot_tile_512<4>(a, w, n, out); break;
-  }
-}
-#endif
-
-template <typename T>
-static inline void dot_tile(bool avx512, const float* const* a, int nt, const T* const* w,
-                            int64_t n, float out[][4]) {
-#if DISAGG_HAVE_AVX512_PATH
-  if (avx512) return dot_tile_avx512(a, nt, w, n, out);
-#endif
-  (void)avx512;
-  dot_tile_scalar(a, nt, w, n, out);
-}
-
-constexpr int kTokTile = 4;  // tokens per micro-tile (accumulators: 4 tokens x 4 rows)
+using dot_tile_detail::dot_tile;
+using dot_tile_detail::kTokTile;
 
 }  // namespace experts_detail
 

@@ -146,3 +146,9 @@ def _paged_decode_attention_rope_fake(qkv, cos, sin, kv_cache, block_tables, ctx
                                       num_heads, scale, sliding_window=0):
     torch._check(qkv.dim() == 2, lambda: "disagg.paged_decode_attention_rope: qkv must be 2-D")
     return qkv.new_empty((qkv.shape[0], num_heads, kv_cache.shape[-1]))
+
+
+@register_fake("disagg::linear")
+def _linear_fake(x, weight, bias=None):
+    torch._check(weight.dim() == 2, lambda: "disagg.linear: weight must be 2-D [M, K]")
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))

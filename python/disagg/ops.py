@@ -570,3 +570,11 @@ def paged_decode_attention_rope(
     """
     return _ops.paged_decode_attention_rope(qkv, cos, sin, kv_cache, block_tables, ctx_lens,
                                             num_heads, scale, sliding_window)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor,
+           bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x @ weight.T + bias`` (``weight`` ``[M, K]`` contiguous, as HF stores projections),
+    float32 accumulation, one rounding to x's dtype. Streams the weight once for a few rows
+    (decode), where a BLAS call costs mostly setup; also used for prefill-sized inputs."""
+    return _ops.linear(x, weight, bias)

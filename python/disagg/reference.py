@@ -578,3 +578,11 @@ def paged_decode_attention_rope(qkv, cos, sin, kv_cache, block_tables, ctx_lens,
         kv_cache[blk, 1, p % bs] = x[b, num_heads + hkv:]
     return paged_decode_attention(qk[:, :num_heads].contiguous(), kv_cache, block_tables,
                                   ctx_lens, scale, sliding_window)
+
+
+def linear(x, weight, bias=None):
+    """``x @ weight.T + bias`` in float32, rounded to x's dtype."""
+    y = x.float() @ weight.float().t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
