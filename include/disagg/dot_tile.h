@@ -31,14 +31,21 @@ inline void dot_tile_scalar(const float* const* a, int nt, const T* const* w, in
 }
 
 #if DISAGG_HAVE_AVX512_PATH
+// pf: 4 rows to prefetch into L1 while this tile streams its own (rows two tiles ahead), or
+// null. Decode streams the weights from DRAM with little work per byte; the prefetches keep
+// the loads ahead of the hardware prefetchers' ramp-up at every new row.
 template <int NT, typename T>
 DISAGG_AVX512 inline void dot_tile_512(const float* const* a, const T* const* w, int64_t n,
-                                              float out[][4]) {
+                                       float out[][4], const T* const* pf) {
   __m512 acc[NT][4];
   for (int i = 0; i < NT; ++i)
     for (int r = 0; r < 4; ++r) acc[i][r] = _mm512_setzero_ps();
   int64_t d = 0;
   for (; d + 16 <= n; d += 16) {
+    if (pf != nullptr) {
+      for (int r = 0; r < 4; ++r)
+        _mm_prefetch(reinterpret_cast<const char*>(pf[r] + d), _MM_HINT_T0);
+    }
     const __m512 w0 = v512::load(w[0] + d), w1 = v512::load(w[1] + d);
     const __m512 w2 = v512::load(w[2] + d), w3 = v512::load(w[3] + d);
     for (int i = 0; i < NT; ++i) {
@@ -67,23 +74,24 @@ DISAGG_AVX512 inline void dot_tile_512(const float* const* a, const T* const* w,
 
 template <typename T>
 DISAGG_AVX512 inline void dot_tile_avx512(const float* const* a, int nt, const T* const* w,
-                                          int64_t n, float out[][4]) {
+                                          int64_t n, float out[][4], const T* const* pf) {
   switch (nt) {
-    case 1: dot_tile_512<1>(a, w, n, out); break;
-    case 2: dot_tile_512<2>(a, w, n, out); break;
-    case 3: dot_tile_512<3>(a, w, n, out); break;
-    default: dot_tile_512<4>(a, w, n, out); break;
+    case 1: dot_tile_512<1>(a, w, n, out, pf); break;
+    case 2: dot_tile_512<2>(a, w, n, out, pf); break;
+    case 3: dot_tile_512<3>(a, w, n, out, pf); break;
+    default: dot_tile_512<4>(a, w, n, out, pf); break;
   }
 }
 #endif
 
 template <typename T>
-inline void dot_tile(bool avx512, const float* const* a, int nt, const T* const* w,
-                            int64_t n, float out[][4]) {
+inline void dot_tile(bool avx512, const float* const* a, int nt, const T* const* w, int64_t n,
+                     float out[][4], const T* const* pf = nullptr) {
 #if DISAGG_HAVE_AVX512_PATH
-  if (avx512) return dot_tile_avx512(a, nt, w, n, out);
+  if (avx512) return dot_tile_avx512(a, nt, w, n, out, pf);
 #endif
   (void)avx512;
+  (void)pf;
   dot_tile_scalar(a, nt, w, n, out);
 }
 

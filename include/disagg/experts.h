@@ -124,12 +124,14 @@ Status moe_experts_cpu(const T* x, int64_t Tn, int64_t H, const Idx* ids, const 
       for (int64_t j = j0; j < j1; j += 2) {
         const int64_t j2 = std::min(j + 1, I - 1);  // odd I: the last pair repeats a row
         const T* w[4] = {we + j * H, we + j2 * H, we + (I + j) * H, we + (I + j2) * H};
+        const int64_t jn = std::min(j + 4, I - 1), jn2 = std::min(j + 5, I - 1);
+        const T* pf[4] = {we + jn * H, we + jn2 * H, we + (I + jn) * H, we + (I + jn2) * H};
         for (int64_t t0 = offs[e]; t0 < offs[e + 1]; t0 += kTokTile) {
           const int nt = static_cast<int>(std::min<int64_t>(kTokTile, offs[e + 1] - t0));
           const float* a[kTokTile];
           for (int i = 0; i < nt; ++i) a[i] = xrow0 + (order[t0 + i] / K) * H;
           float o[kTokTile][4];
-          dot_tile(avx512, a, nt, w, H, o);
+          dot_tile(avx512, a, nt, w, H, o, t0 == offs[e] ? pf : nullptr);
           for (int i = 0; i < nt; ++i) {
             float* ar = act + order[t0 + i] * 2 * I;
             ar[j] = o[i][0];
@@ -154,13 +156,17 @@ Status moe_experts_cpu(const T* x, int64_t Tn, int64_t H, const Idx* ids, const 
       const T* we = w2 + e * H * I;
       for (int64_t m = m0; m < m1; m += 4) {
         const T* w[4];
-        for (int r = 0; r < 4; ++r) w[r] = we + std::min(m + r, H - 1) * I;
+        const T* pf[4];
+        for (int r = 0; r < 4; ++r) {
+          w[r] = we + std::min(m + r, H - 1) * I;
+          pf[r] = we + std::min(m + 8 + r, H - 1) * I;
+        }
         for (int64_t t0 = offs[e]; t0 < offs[e + 1]; t0 += kTokTile) {
           const int nt = static_cast<int>(std::min<int64_t>(kTokTile, offs[e + 1] - t0));
           const float* a[kTokTile];
           for (int i = 0; i < nt; ++i) a[i] = act + order[t0 + i] * 2 * I;
           float o[kTokTile][4];
-          dot_tile(avx512, a, nt, w, I, o);
+          dot_tile(avx512, a, nt, w, I, o, t0 == offs[e] ? pf : nullptr);
           for (int i = 0; i < nt; ++i) {
             float* yr = y + order[t0 + i] * H;
             for (int r = 0; r < 4 && m + r < H; ++r) yr[m + r] = o[i][r];

@@ -43,7 +43,11 @@ Status linear_cpu(const T* x, int64_t N, int64_t K, const T* w, int64_t M, const
     const int64_t n0 = (task / nrb) * TB, n1 = std::min(N, n0 + TB);
     for (int64_t m = m0; m < m1; m += 4) {
       const T* wr[4];
-      for (int r = 0; r < 4; ++r) wr[r] = w + std::min(m + r, M - 1) * K;
+      const T* pf[4];
+      for (int r = 0; r < 4; ++r) {
+        wr[r] = w + std::min(m + r, M - 1) * K;
+        pf[r] = w + std::min(m + 8 + r, M - 1) * K;
+      }
       float b[4] = {0.f, 0.f, 0.f, 0.f};
       if (bias != nullptr)
         for (int r = 0; r < 4; ++r) b[r] = to_float(bias[std::min(m + r, M - 1)]);
@@ -52,7 +56,7 @@ Status linear_cpu(const T* x, int64_t N, int64_t K, const T* w, int64_t M, const
         const float* a[kTokTile];
         for (int i = 0; i < nt; ++i) a[i] = xf + (t0 + i) * K;
         float o[kTokTile][4];
-        dot_tile(avx512, a, nt, wr, K, o);
+        dot_tile(avx512, a, nt, wr, K, o, t0 == n0 ? pf : nullptr);
         for (int i = 0; i < nt; ++i) {
           T* orow = out + (t0 + i) * M;
           for (int r = 0; r < 4 && m + r < M; ++r) orow[m + r] = from_float<T>(o[i][r] + b[r]);
