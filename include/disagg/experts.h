@@ -52,6 +52,7 @@ static inline void silu_mul(bool avx512, float* g, const float* u, int64_t n) {
 
 using dot_tile_detail::dot_tile;
 using dot_tile_detail::kTokTile;
+constexpr int64_t kTokBlock = 32;  // tokens whose activations stay in L1 across a row block
 
 }  // namespace experts_detail
 
@@ -121,13 +122,17 @@ Status moe_experts_cpu(const T* x, int64_t Tn, int64_t H, const Idx* ids, const 
       const int64_t e = used[task / nb1];
       const int64_t j0 = (task % nb1) * rb1, j1 = std::min(I, j0 + rb1);
       const T* we = w13 + e * 2 * I * H;
+      // Token blocks keep their activation rows in L1 while the block's weight rows (in
+      // L2 after the first block) go by; only the first block prefetches weights.
+      for (int64_t tb = offs[e]; tb < offs[e + 1]; tb += kTokBlock) {
+      const int64_t te = std::min(offs[e + 1], tb + kTokBlock);
       for (int64_t j = j0; j < j1; j += 2) {
         const int64_t j2 = std::min(j + 1, I - 1);  // odd I: the last pair repeats a row
         const T* w[4] = {we + j * H, we + j2 * H, we + (I + j) * H, we + (I + j2) * H};
         const int64_t jn = std::min(j + 4, I - 1), jn2 = std::min(j + 5, I - 1);
         const T* pf[4] = {we + jn * H, we + jn2 * H, we + (I + jn) * H, we + (I + jn2) * H};
-        for (int64_t t0 = offs[e]; t0 < offs[e + 1]; t0 += kTokTile) {
-          const int nt = static_cast<int>(std::min<int64_t>(kTokTile, offs[e + 1] - t0));
+        for (int64_t t0 = tb; t0 < te; t0 += kTokTile) {
+          const int nt = static_cast<int>(std::min<int64_t>(kTokTile, te - t0));
           const float* a[kTokTile];
           for (int i = 0; i < nt; ++i) a[i] = xrow0 + (order[t0 + i] / K) * H;
           float o[kTokTile][4];
@@ -143,6 +148,7 @@ Status moe_experts_cpu(const T* x, int64_t Tn, int64_t H, const Idx* ids, const 
           }
         }
       }
+      }
       for (int64_t t = offs[e]; t < offs[e + 1]; ++t) {
         float* ar = act + order[t] * 2 * I;
         silu_mul(avx512, ar + j0, ar + I + j0, j1 - j0);
@@ -154,6 +160,8 @@ Status moe_experts_cpu(const T* x, int64_t Tn, int64_t H, const Idx* ids, const 
       const int64_t e = used[task / nb2];
       const int64_t m0 = (task % nb2) * rb2, m1 = std::min(H, m0 + rb2);
       const T* we = w2 + e * H * I;
+      for (int64_t tb = offs[e]; tb < offs[e + 1]; tb += kTokBlock) {
+      const int64_t te = std::min(offs[e + 1], tb + kTokBlock);
       for (int64_t m = m0; m < m1; m += 4) {
         const T* w[4];
         const T* pf[4];
@@ -161,8 +169,8 @@ Status moe_experts_cpu(const T* x, int64_t Tn, int64_t H, const Idx* ids, const 
           w[r] = we + std::min(m + r, H - 1) * I;
           pf[r] = we + std::min(m + 8 + r, H - 1) * I;
         }
-        for (int64_t t0 = offs[e]; t0 < offs[e + 1]; t0 += kTokTile) {
-          const int nt = static_cast<int>(std::min<int64_t>(kTokTile, offs[e + 1] - t0));
+        for (int64_t t0 = tb; t0 < te; t0 += kTokTile) {
+          const int nt = static_cast<int>(std::min<int64_t>(kTokTile, te - t0));
           const float* a[kTokTile];
           for (int i = 0; i < nt; ++i) a[i] = act + order[t0 + i] * 2 * I;
           float o[kTokTile][4];
@@ -172,6 +180,7 @@ Status moe_experts_cpu(const T* x, int64_t Tn, int64_t H, const Idx* ids, const 
             for (int r = 0; r < 4 && m + r < H; ++r) yr[m + r] = o[i][r];
           }
         }
+      }
       }
     }
     // Combine: each token's assignments in k order (the same sum however work was split).
