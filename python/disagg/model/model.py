@@ -213,6 +213,7 @@ class CausalLM:
         self.dtype = dtype
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings,
                                     cfg.rope_scaling)
+        self._all_fused_decode = all(layer.fused_decode for layer in layers)
 
     @classmethod
     def from_pretrained(cls, path: str, dtype="auto") -> "CausalLM":
@@ -326,7 +327,7 @@ class CausalLM:
             # every row a decode token at the end of its sequence: its position is ctx_len - 1
             decode_rope = self.rope.cos_sin_hf(positions, self.dtype,
                                                int(positions.max()))
-        if decode_rope is None or not all(layer.fused_decode for layer in self.layers):
+        if decode_rope is None or not self._all_fused_decode:
             cos, sin = self.rope.cos_sin(positions, self.dtype)
         layers = self.layers
         x = ops.rms_norm(h, layers[0].w["input_norm"], eps)
