@@ -76,6 +76,14 @@ def test_moe_experts_threads_agree():
     assert torch.equal(one, two)  # each token sums its experts in k order, however split
 
 
+def test_moe_experts_long_inputs_run_in_token_chunks():
+    # A wide expert (I = 700k) makes the kernel split 8 tokens into chunks of 2 to bound its
+    # scratch; the result is the same as in one piece.
+    x, ids, w, w13, w2 = expert_inputs(T=8, H=2, inter=700_000, E=2, k=2, dropped=False)
+    torch.testing.assert_close(ops.moe_experts(x, ids, w, w13, w2),
+                               reference.moe_experts(x, ids, w, w13, w2), atol=1e-4, rtol=1e-4)
+
+
 def test_moe_experts_opcheck_and_compile():
     x, ids, w, w13, w2 = expert_inputs(T=3)
     torch.library.opcheck(torch.ops.disagg.moe_experts.default, (x, ids, w, w13, w2))

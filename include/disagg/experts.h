@@ -76,6 +76,20 @@ Status moe_experts_cpu(const T* x, int64_t Tn, int64_t H, const Idx* ids, const 
     if (e < -1 || e >= E) return Status::kInvalidArgument;
   }
   if (Tn == 0 || H == 0) return Status::kOk;
+  // Bound the scratch (kept per thread across calls) to 32 MB: long prefills of large models
+  // run in token chunks, each streaming the weights once.
+  constexpr int64_t kScratchFloats = int64_t(8) << 20;
+  const int64_t per_tok = K * (2 * I + H) + (std::is_same<T, float>::value ? 0 : H);
+  const int64_t max_tok = std::max<int64_t>(1, kScratchFloats / std::max<int64_t>(1, per_tok));
+  if (Tn > max_tok) {
+    for (int64_t t0 = 0; t0 < Tn; t0 += max_tok) {
+      const int64_t n = std::min(max_tok, Tn - t0);
+      const Status s = moe_experts_cpu<T, Idx>(x + t0 * H, n, H, ids + t0 * K, weights + t0 * K,
+                                               K, w13, w2, E, I, out + t0 * H, num_threads);
+      if (s != Status::kOk) return s;
+    }
+    return Status::kOk;
+  }
   // Counting sort of the assignments by expert, in token order within an expert.
   std::vector<int64_t> offs(E + 1, 0), order(A);
   for (int64_t a = 0; a < A; ++a)
