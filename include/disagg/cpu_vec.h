@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
 
 #include "disagg/common.h"
 
@@ -20,11 +21,14 @@
 
 namespace disagg {
 
-// True where the AVX-512 paths may run (F, BW, VL, DQ); checked once.
+// True where the AVX-512 paths may run (F, BW, VL, DQ); checked once. Setting the environment
+// variable DISAGG_NO_AVX512 (before the first call) selects the portable paths, as on a CPU
+// without AVX-512 (the tests use it to check them).
 inline bool cpu_has_avx512() {
 #if DISAGG_HAVE_AVX512_PATH
   static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                         std::getenv("DISAGG_NO_AVX512") == nullptr;
   return ok;
 #else
   return false;

@@ -16,9 +16,10 @@ namespace dot_tile_detail {
 constexpr int kTokTile = 4;  // tokens per micro-tile (accumulators: 4 tokens x 4 rows)
 
 // out[i][r] = dot(a[i][0:n], w[r][0:n]) for i < nt, r < 4; activations float32, weights T.
+// The portable path, also compiled for AVX2 (picked at load time, see common.h).
 template <typename T>
-inline void dot_tile_scalar(const float* const* a, int nt, const T* const* w, int64_t n,
-                                   float out[][4]) {
+DISAGG_MULTIVERSION static void dot_tile_scalar(const float* const* a, int nt, const T* const* w,
+                                                int64_t n, float out[][4]) {
   for (int i = 0; i < nt; ++i)
     for (int r = 0; r < 4; ++r) {
       float s = 0.f;

@@ -5,6 +5,7 @@ module dispatch keeps the per-layer Python cost low, which matters for small-bat
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -15,6 +16,11 @@ from .attention import AttentionMetadata, paged_attention
 from .config import ModelConfig
 from .loader import WeightStore
 from .rope import RotaryEmbedding, apply_rope
+
+# The library's CPU kernels take their AVX-512 paths where torch does (and DISAGG_NO_AVX512
+# is unset, see include/disagg/cpu_vec.h).
+_HAVE_AVX512 = (torch.backends.cpu.get_cpu_capability() == "AVX512"
+                and "DISAGG_NO_AVX512" not in os.environ)
 
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
            "float16": torch.float16, "half": torch.float16}
@@ -28,9 +34,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def linear(x: torch.Tensor, weight: torch.Tensor,
            bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``F.linear`` through the library's ``linear`` op (about twice BLAS's speed at the
-    sizes of these models on the benchmark CPU, decode and prefill alike); a non-contiguous
-    weight (a view some layouts hand in) falls back to ``F.linear``."""
-    if weight.is_contiguous():
+    sizes of these models on the benchmark CPU, decode and prefill alike); without AVX-512,
+    or for a non-contiguous weight (a view some layouts hand in), ``F.linear`` itself."""
+    if _HAVE_AVX512 and weight.is_contiguous():
         return ops.linear(x, weight, bias)
     return F.linear(x, weight, bias)
 
@@ -60,7 +66,8 @@ class MoE:
     Qwen2-MoE's gated shared expert.
 
     With SiLU experts (every supported family) one ``moe_experts`` call does the experts and
-    the combine for any number of tokens: it reads each used expert's weights once for all its
+    the combine for any number of tokens on CPUs with AVX-512 (elsewhere for up to
+    ``FUSED_MAX_ROWS`` assignments): it reads each used expert's weights once for all its
     tokens and needs no permuted copy. Measured on one core of the benchmark CPU it beat the
     layout path below at every size tried (top-2 of 8 experts, hidden 128 / 256: 57 vs 215 us
     and 231 vs 1076 us at 16 tokens, 3.8 vs 4.9 ms and 10.7 vs 18.5 ms at 1024 tokens), and
@@ -78,6 +85,10 @@ class MoE:
         As stored by HF (kept as ``w13``, ``w2``; the matmul path uses transposed views).
     """
 
+    # Without AVX-512 the kernel runs its portable (AVX2) path, which beats the layout path
+    # at decode sizes only (191 vs 202 us at 16 tokens, hidden 128; 12.1 vs 4.2 ms at 1024).
+    FUSED_MAX_ROWS = None if _HAVE_AVX512 else 64
+
     def __init__(self, gate, gate_up, down, top_k: int, renormalize: bool, act,
                  shared: Optional[DenseMLP] = None, shared_gate: Optional[torch.Tensor] = None):
         self.gate = gate
@@ -94,7 +105,7 @@ class MoE:
         r = ops.route(logits, self.top_k, renormalize=self.renormalize)
         E, I, k = self.num_experts, self.inter, self.top_k
         rows = x.shape[0] * k
-        if self.fused:
+        if self.fused and (self.FUSED_MAX_ROWS is None or rows <= self.FUSED_MAX_ROWS):
             out = ops.moe_experts(x, r.ids, r.weights, self.w13, self.w2)
         else:
             w13t, w2t = self.w13.transpose(1, 2), self.w2.transpose(1, 2)
