@@ -84,4 +84,21 @@ TORCH_LIBRARY(disagg, m) {
   // x [M,K] in expert order, w [E,N,K], expert_offsets [E+1] -> [M,N]: rows of expert e times
   // w[e]^T (float accumulation); rows outside [offsets[0], offsets[E]) are zero
   m.def("expert_gemm(Tensor x, Tensor w, Tensor expert_offsets) -> Tensor");
+
+  // ---- Model layers (decode hot path) -----------------------------------------------------
+  // x [T,H], ids [T,k] (-1 dropped), weights [T,k], w13 [E,2I,H] (gate rows then up rows),
+  // w2 [E,H,I] -> [T,H]: sum_k weights * SiLU-gated expert MLP, float32 accumulation
+  m.def("moe_experts(Tensor x, Tensor ids, Tensor weights, Tensor w13, Tensor w2) -> Tensor");
+  // x [...,H], weight [H] -> HF RMSNorm (float32 statistics)
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  // residual += x in place, then -> RMSNorm(residual)
+  m.def("add_rms_norm(Tensor(a!) residual, Tensor x, Tensor weight, float eps) -> Tensor");
+  // decode from the fused projection: qkv [B,(Hq+2Hkv)*D], cos/sin [B,D] -> RoPE on q and k,
+  // K/V written at position ctx_lens-1 of each block table, then attention -> [B,Hq,D]
+  m.def(
+      "paged_decode_attention_rope(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) kv_cache, "
+      "Tensor block_tables, Tensor ctx_lens, int num_heads, float scale, int sliding_window=0)"
+      " -> Tensor");
+  // x [...,K], weight [M,K] (HF layout), bias [M]? -> [...,M], float32 accumulation
+  m.def("linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
 }

@@ -59,6 +59,18 @@ def test_outputs_do_not_depend_on_the_batch(ckpt):
     assert [o.outputs[0].token_ids for o in outs[:3]] == seeded
 
 
+def test_equal_length_prompts_batched_in_one_attention_call(ckpt):
+    # Consecutive whole prompts of one length share a batched causal SDPA call; a prompt of
+    # another length in between splits the run. Tokens match each prompt run alone.
+    ps = prompts(4, seed=3, lo=17, hi=18) + prompts(1, seed=4, lo=9, hi=10) + \
+        prompts(3, seed=5, lo=17, hi=18)
+    alone = run_alone(ckpt, ps, max_tokens=10, **GREEDY)
+    llm = LLM(ckpt, dtype="float32")
+    outs = llm.generate([{"prompt_token_ids": p} for p in ps], SamplingParams(max_tokens=10,
+                                                                              **GREEDY))
+    assert [o.outputs[0].token_ids for o in outs] == alone
+
+
 def test_no_leaked_blocks_after_random_aborts_and_preemption(ckpt):
     ps = prompts(12, seed=2, lo=5, hi=60)
     ref = run_alone(ckpt, ps, max_tokens=24, **GREEDY)

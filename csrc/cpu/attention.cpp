@@ -65,10 +65,83 @@ at::Tensor paged_decode_attention_cpu_op(const at::Tensor& q, const at::Tensor& 
   return out;
 }
 
+at::Tensor paged_decode_attention_rope_cpu_op(const at::Tensor& qkv, const at::Tensor& cos,
+                                              const at::Tensor& sin, at::Tensor& kv_cache,
+                                              const at::Tensor& block_tables,
+                                              const at::Tensor& ctx_lens, int64_t num_heads,
+                                              double scale, int64_t sliding_window) {
+  const char* op = "paged_decode_attention_rope";
+  check_dim(qkv, 2, op, "qkv", "[B, (Hq + 2 Hkv) * D]");
+  check_float(qkv, op, "qkv");
+  check_contiguous(qkv, op, "qkv");
+  check_dim(kv_cache, 5, op, "kv_cache", "[num_blocks, 2, block_size, Hkv, D]");
+  check_dtype(kv_cache, qkv.scalar_type(), op, "kv_cache");
+  check_contiguous(kv_cache, op, "kv_cache");
+  DISAGG_CHECK_VALUE(kv_cache.size(1) == 2, op, "kv_cache dim 1 must be 2 (K, V), got ",
+                     kv_cache.size(1));
+  const int64_t B = qkv.size(0), Hkv = kv_cache.size(3), D = kv_cache.size(4);
+  DISAGG_CHECK_VALUE(num_heads >= 1 && num_heads % Hkv == 0, op, "num_heads (", num_heads,
+                     ") must be a positive multiple of kv_cache heads (", Hkv, ")");
+  DISAGG_CHECK_VALUE(D % 2 == 0, op, "head_dim must be even for RoPE, got ", D);
+  DISAGG_CHECK_VALUE(qkv.size(1) == (num_heads + 2 * Hkv) * D, op, "qkv must have (",
+                     num_heads, " + 2 * ", Hkv, ") * ", D, " = ", (num_heads + 2 * Hkv) * D,
+                     " columns, got ", qkv.size(1));
+  for (const auto* t : {&cos, &sin}) {
+    const char* name = t == &cos ? "cos" : "sin";
+    check_dim(*t, 2, op, name, "[B, D]");
+    check_dtype(*t, qkv.scalar_type(), op, name);
+    check_same_device(qkv, *t, op, name);
+    DISAGG_CHECK_VALUE(t->size(0) == B && t->size(1) == D, op, name, " must be [", B, ", ", D,
+                       "], got ", t->sizes());
+  }
+  check_dim(block_tables, 2, op, "block_tables", "[B, max_blocks]");
+  check_index(block_tables, op, "block_tables");
+  check_dim(ctx_lens, 1, op, "ctx_lens", "[B]");
+  DISAGG_CHECK_VALUE(ctx_lens.scalar_type() == block_tables.scalar_type(), op,
+                     "ctx_lens must have block_tables' dtype ", block_tables.scalar_type(),
+                     ", got ", ctx_lens.scalar_type());
+  check_same_device(qkv, kv_cache, op, "kv_cache");
+  check_same_device(qkv, block_tables, op, "block_tables");
+  check_same_device(qkv, ctx_lens, op, "ctx_lens");
+  DISAGG_CHECK_VALUE(block_tables.size(0) == B, op, "block_tables must have B=", B,
+                     " rows, got ", block_tables.size(0));
+  DISAGG_CHECK_VALUE(ctx_lens.size(0) == B, op, "ctx_lens must have B=", B, " entries, got ",
+                     ctx_lens.size(0));
+  DISAGG_CHECK_VALUE(std::isfinite(scale), op, "scale must be finite, got ", scale);
+  DISAGG_CHECK_VALUE(sliding_window >= 0, op, "sliding_window must be >= 0, got ", sliding_window);
+  at::Tensor c = cos.contiguous(), s_ = sin.contiguous();
+  at::Tensor bt = block_tables.contiguous(), cl = ctx_lens.contiguous();
+  at::Tensor out = at::empty({B, num_heads, D}, qkv.options());
+  if (B == 0) return out;
+  at::Tensor qs = at::empty({B, num_heads, D}, qkv.options());
+  Status st = DISAGG_DISPATCH_FLOAT(qkv.scalar_type(), op, [&] {
+    const auto* xp = reinterpret_cast<const scalar_t*>(qkv.data_ptr());
+    const auto* cp = reinterpret_cast<const scalar_t*>(c.data_ptr());
+    const auto* sp = reinterpret_cast<const scalar_t*>(s_.data_ptr());
+    auto* kp = reinterpret_cast<scalar_t*>(kv_cache.data_ptr());
+    auto* qp = reinterpret_cast<scalar_t*>(qs.data_ptr());
+    auto* op_ = reinterpret_cast<scalar_t*>(out.data_ptr());
+    if (bt.scalar_type() == at::kInt)
+      return paged_decode_attention_rope_cpu<scalar_t, int32_t>(
+          xp, B, num_heads, D, cp, sp, kp, kv_cache.size(0), kv_cache.size(2), Hkv,
+          bt.data_ptr<int32_t>(), bt.size(1), cl.data_ptr<int32_t>(), static_cast<float>(scale),
+          sliding_window, qp, op_, at::get_num_threads());
+    return paged_decode_attention_rope_cpu<scalar_t, int64_t>(
+        xp, B, num_heads, D, cp, sp, kp, kv_cache.size(0), kv_cache.size(2), Hkv,
+        bt.data_ptr<int64_t>(), bt.size(1), cl.data_ptr<int64_t>(), static_cast<float>(scale),
+        sliding_window, qp, op_, at::get_num_threads());
+  });
+  check_status(st, op,
+               "ctx_lens must be in [1, max_blocks * block_size] and the blocks they use in "
+               "[0, num_blocks)");
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(disagg, CPU, m) {
   m.impl("paged_decode_attention", &paged_decode_attention_cpu_op);
+  m.impl("paged_decode_attention_rope", &paged_decode_attention_rope_cpu_op);
 }
 
 }  // namespace disagg

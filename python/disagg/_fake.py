@@ -140,3 +140,34 @@ def _paged_tree_attention_fake(q, kv_cache, block_tables, ctx_lens, tree_lens, q
 def _expert_gemm_fake(x, w, expert_offsets):
     torch._check(x.dim() == 2 and w.dim() == 3, lambda: "disagg.expert_gemm: x must be [M, K], w [E, N, K]")
     return x.new_empty((x.shape[0], w.shape[1]))
+
+# ---- Model layers (decode hot path) ---------------------------------------------------------
+
+
+@register_fake("disagg::moe_experts")
+def _moe_experts_fake(x, ids, weights, w13, w2):
+    torch._check(x.dim() == 2, lambda: "disagg.moe_experts: x must be 2-D [T, H]")
+    return x.new_empty(x.shape)
+
+
+@register_fake("disagg::rms_norm")
+def _rms_norm_fake(x, weight, eps):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@register_fake("disagg::add_rms_norm")
+def _add_rms_norm_fake(residual, x, weight, eps):
+    return torch.empty_like(residual)
+
+
+@register_fake("disagg::paged_decode_attention_rope")
+def _paged_decode_attention_rope_fake(qkv, cos, sin, kv_cache, block_tables, ctx_lens,
+                                      num_heads, scale, sliding_window=0):
+    torch._check(qkv.dim() == 2, lambda: "disagg.paged_decode_attention_rope: qkv must be 2-D")
+    return qkv.new_empty((qkv.shape[0], num_heads, kv_cache.shape[-1]))
+
+
+@register_fake("disagg::linear")
+def _linear_fake(x, weight, bias=None):
+    torch._check(weight.dim() == 2, lambda: "disagg.linear: weight must be 2-D [M, K]")
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))

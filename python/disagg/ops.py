@@ -571,3 +571,97 @@ def expert_gemm(x: torch.Tensor, w: torch.Tensor, expert_offsets: torch.Tensor) 
     expert.
     """
     return _ops.expert_gemm(x, w, expert_offsets)
+
+# ---- Model layers (decode hot path) ---------------------------------------------------------
+
+
+def moe_experts(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+) -> torch.Tensor:
+    """The routed experts of a few tokens in one call: each token's top-k SiLU-gated MLPs and
+    their weighted sum, reading each used expert's weights once for all its tokens.
+
+    Meant for decode-sized batches; for large ones (prefill) ``moe_layout`` / ``moe_permute``
+    / matmuls / ``moe_combine`` is faster.
+
+    Parameters
+    ----------
+    x : Tensor [T, H]
+        Tokens (float32, bfloat16 or float16).
+    ids : Tensor [T, k] int32 or int64
+        Expert of each assignment (``route``'s ids); -1 = dropped (adds nothing).
+    weights : Tensor [T, k]
+        Weight of each assignment (``route``'s weights); computed in float32.
+    w13 : Tensor [E, 2I, H], x's dtype, contiguous
+        Per expert the gate projection's rows then the up projection's (HF's fused
+        ``gate_up_proj`` layout; Mixtral's ``w1`` then ``w3``).
+    w2 : Tensor [E, H, I], x's dtype, contiguous
+        The down projection.
+
+    Returns
+    -------
+    Tensor [T, H] in x's dtype:
+    ``sum_k weights[t,k] * w2[e] @ (silu(w13[e,:I] @ x[t]) * (w13[e,I:] @ x[t]))``,
+    ``e = ids[t,k]``, accumulated in float32 and rounded once.
+    """
+    return _ops.moe_experts(x, ids, weights, w13, w2)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim as HF computes it: float32 statistics, the normalised value
+    cast to x's dtype, then scaled by ``weight`` (x's dtype)."""
+    return _ops.rms_norm(x, weight, eps)
+
+
+def add_rms_norm(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> torch.Tensor:
+    """``residual += x`` in place (contiguous ``residual``), then ``rms_norm(residual)``: the
+    residual add and the next norm of a pre-norm layer in one pass."""
+    return _ops.add_rms_norm(residual, x, weight, eps)
+
+
+def paged_decode_attention_rope(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    ctx_lens: torch.Tensor,
+    num_heads: int,
+    scale: float,
+    sliding_window: int = 0,
+) -> torch.Tensor:
+    """A decode step's attention from the fused QKV projection, in one call: RoPE on q and k,
+    each token's K/V appended to the paged cache, then :func:`paged_decode_attention`.
+
+    Parameters
+    ----------
+    qkv : Tensor [B, (num_heads + 2 Hkv) * D], contiguous
+        One new token per sequence: its q heads, then k heads, then v heads.
+    cos, sin : Tensor [B, D], qkv's dtype
+        HF's rotary tables at each token's position (rotate-half convention:
+        ``x * cos + rotate_half(x) * sin``, computed in float32).
+    kv_cache : Tensor [num_blocks, 2, block_size, Hkv, D], modified in place
+        The new token's K (rotated) and V are written at position ``ctx_lens[b] - 1`` of
+        ``block_tables[b]``.
+    block_tables, ctx_lens, scale, sliding_window
+        As for :func:`paged_decode_attention`; ``ctx_lens`` includes the new token.
+
+    Returns
+    -------
+    Tensor [B, num_heads, D] in qkv's dtype.
+    """
+    return _ops.paged_decode_attention_rope(qkv, cos, sin, kv_cache, block_tables, ctx_lens,
+                                            num_heads, scale, sliding_window)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor,
+           bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x @ weight.T + bias`` (``weight`` ``[M, K]`` contiguous, as HF stores projections),
+    float32 accumulation, one rounding to x's dtype. Streams the weight once for a few rows
+    (decode), where a BLAS call costs mostly setup; also used for prefill-sized inputs."""
+    return _ops.linear(x, weight, bias)

@@ -572,3 +572,62 @@ def expert_gemm(x, w, expert_offsets):
     for e in range(w.shape[0]):
         out[o[e]:o[e + 1]] = x[o[e]:o[e + 1]].float() @ w[e].float().t()
     return out.to(x.dtype)
+
+# ---- Model layers (decode hot path) ---------------------------------------------------------
+
+
+def moe_experts(x, ids, weights, w13, w2):
+    """Each assignment's SiLU-gated MLP in float32, summed per token in k order."""
+    T, H = x.shape
+    inter = w2.shape[2]
+    xf = x.float()
+    out = torch.zeros(T, H, dtype=torch.float32)
+    for j in range(ids.shape[1]):
+        for t in range(T):
+            e = int(ids[t, j])
+            if e < 0:
+                continue
+            h = w13[e].float() @ xf[t]
+            a = torch.nn.functional.silu(h[:inter]) * h[inter:]
+            out[t] += float(weights[t, j]) * (w2[e].float() @ a)
+    return out.to(x.dtype)
+
+
+def rms_norm(x, weight, eps):
+    """HF's RMSNorm: float32 statistics, cast back, then scale."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def add_rms_norm(residual, x, weight, eps):
+    """``residual += x`` (in place), then ``rms_norm(residual)``."""
+    residual.add_(x)
+    return rms_norm(residual, weight, eps)
+
+
+def paged_decode_attention_rope(qkv, cos, sin, kv_cache, block_tables, ctx_lens, num_heads,
+                                scale, sliding_window=0):
+    """RoPE on q and k (float32, rounded to qkv's dtype), K/V written at position
+    ``ctx_len - 1`` of each block table, then :func:`paged_decode_attention`."""
+    B = qkv.shape[0]
+    bs, hkv, d = kv_cache.shape[2], kv_cache.shape[3], kv_cache.shape[4]
+    x = qkv.view(B, num_heads + 2 * hkv, d)
+    xf, c, s = x.float(), cos.float()[:, None, :], sin.float()[:, None, :]
+    rot = torch.cat((-xf[..., d // 2:], xf[..., :d // 2]), -1)
+    qk = (xf * c + rot * s).to(qkv.dtype)
+    for b in range(B):
+        p = int(ctx_lens[b]) - 1
+        blk = int(block_tables[b, p // bs])
+        kv_cache[blk, 0, p % bs] = qk[b, num_heads:num_heads + hkv]
+        kv_cache[blk, 1, p % bs] = x[b, num_heads + hkv:]
+    return paged_decode_attention(qk[:, :num_heads].contiguous(), kv_cache, block_tables,
+                                  ctx_lens, scale, sliding_window)
+
+
+def linear(x, weight, bias=None):
+    """``x @ weight.T + bias`` in float32, rounded to x's dtype."""
+    y = x.float() @ weight.float().t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)

@@ -377,9 +377,12 @@ class Engine:
         try:
             meta = AttentionMetadata.build(seqs, bs, torch.tensor(slots, dtype=torch.long),
                                            self.model.config.sliding_window)
+            # Every row sampled (a decode-only step): no row selection before the LM head.
+            wanted = None if len(rows) == row and rows[-1] == row - 1 else \
+                torch.tensor(rows, dtype=torch.long)
             logits = self.model.forward(torch.tensor(ids, dtype=torch.long),
                                         torch.tensor(pos, dtype=torch.long), meta,
-                                        self.kv.caches, torch.tensor(rows, dtype=torch.long))
+                                        self.kv.caches, wanted)
         except Exception as e:  # a failed forward fails its batch, not the engine
             log.exception("forward failed")
             for s in sched:

@@ -11,6 +11,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+from ..kv.cache import OutOfBlocksError
 from .request import Request, Status
 
 
@@ -81,8 +82,6 @@ class Scheduler:
         self.waiting.appendleft(req)
 
     def _grow(self, req: Request, total: int) -> bool:
-        from ..kv import OutOfBlocksError
-
         need = total - self.kv.num_tokens(req.request_id)
         if need <= 0:
             return True

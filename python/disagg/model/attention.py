@@ -166,8 +166,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: to
         q_rows, tables, ctx, tl, offs, bits = trees
         out[q_rows] = ops.paged_tree_attention(q[q_rows], cache, tables, ctx, tl, offs, bits,
                                                scale, meta.sliding_window or 0)
+    done = _whole_prompt_runs(q, k, v, out, meta, scale, gqa)
     for c in meta.prefills:
-        if isinstance(c.mask, TreeMask):
+        if isinstance(c.mask, TreeMask) or c.start in done:
             continue
         qc = q[c.start:c.start + c.q_len].transpose(0, 1)[None]  # [1, Hq, q, D]
         if c.mask is not None:
@@ -194,6 +195,40 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: to
                                                enable_gqa=gqa)
         out[c.start:c.start + c.q_len] = o[0].transpose(0, 1)
     return out
+
+
+def _whole_prompt_runs(q, k, v, out, meta: AttentionMetadata, scale: float, gqa: bool) -> set:
+    """Consecutive prompts computed whole in this step with the same length attend in one
+    batched causal SDPA call over their fresh K/V (an offline batch of equal prompts is one
+    call per layer instead of one per prompt). Returns the start rows it handled."""
+    done: set = set()
+    if meta.sliding_window is not None:
+        return done
+    run: list = []
+
+    def flush():
+        if len(run) >= 2:
+            n, L, a = len(run), run[0].q_len, run[0].start
+            shape = (n, L, q.shape[1], q.shape[2])
+            qb = q[a:a + n * L].reshape(shape).transpose(1, 2)
+            kb = k[a:a + n * L].reshape(n, L, k.shape[1], k.shape[2]).transpose(1, 2)
+            vb = v[a:a + n * L].reshape(n, L, v.shape[1], v.shape[2]).transpose(1, 2)
+            o = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale,
+                                               enable_gqa=gqa)
+            out[a:a + n * L] = o.transpose(1, 2).reshape(n * L, q.shape[1], q.shape[2])
+            done.update(c.start for c in run)
+        run.clear()
+
+    for c in meta.prefills:
+        whole = c.mask is None and c.ctx_len == c.q_len
+        if whole and run and c.q_len == run[-1].q_len and c.start == run[-1].start + c.q_len:
+            run.append(c)
+            continue
+        flush()
+        if whole:
+            run.append(c)
+    flush()
+    return done
 
 
 def decode_attention(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata,

@@ -122,11 +122,29 @@ class RotaryEmbedding:
         if self.rope_type == "dynamic" and n > self.max_pos:
             cos, sin = self._table(self._dynamic_inv_freq(n), n)
             return cos[positions].to(dtype), sin[positions].to(dtype)
+        self._ensure(n, dtype)
+        return self._cos[positions], self._sin[positions]
+
+    def _ensure(self, n: int, dtype: torch.dtype) -> None:
         if n > self._table_len or self._cos.dtype != dtype:
             size = max(n, min(self.max_pos, 4096), self._table_len)
             cos, sin = self._table(self.inv_freq, size)
             self._cos, self._sin, self._table_len = cos.to(dtype), sin.to(dtype), size
-        return self._cos[positions], self._sin[positions]
+            plain = sin.clone()
+            half = plain.shape[-1] // 2
+            plain[:, :half] = -plain[:, :half]
+            self._sin_plain = plain.to(dtype)
+
+    def cos_sin_hf(self, positions: torch.Tensor, dtype: torch.dtype, max_position: int
+                   ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """HF's cos and sin (no sign folded in) for each position, ``[N, head_dim]``, for the
+        fused decode op; ``max_position`` is ``positions.max()``. None where the tables
+        depend on the step (dynamic NTK past the trained length)."""
+        n = max_position + 1
+        if self.rope_type == "dynamic" and n > self.max_pos:
+            return None
+        self._ensure(n, dtype)
+        return self._cos[positions], self._sin_plain[positions]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,70 @@
+// Torch-free CPU kernel for a dense projection y = x W^T + b with W stored as HF stores it
+// ([out_features, in_features]). Built on the same 4-token x 4-row dot tile as the experts
+// kernel; for the few rows of a decode step it streams W once at memory speed, where a BLAS
+// call spends most of its time in setup.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "disagg/common.h"
+#include "disagg/cpu_vec.h"
+#include "disagg/dot_tile.h"
+
+namespace disagg {
+
+// x [N, K], w [M, K], bias [M] or null -> out [N, M]; float32 accumulation, one rounding to T.
+// Work is split over blocks of 64 output features x 64 tokens on up to `num_threads` OpenMP
+// threads when there is enough of it. Each output is the same whatever N and the threads.
+template <typename T>
+Status linear_cpu(const T* x, int64_t N, int64_t K, const T* w, int64_t M, const T* bias, T* out,
+                  int num_threads = 1) {
+  using namespace dot_tile_detail;
+  if (N < 0 || K < 0 || M < 0) return Status::kInvalidArgument;
+  if (N == 0 || M == 0) return Status::kOk;
+  const float* xf = nullptr;
+  thread_local std::vector<float> conv;
+  if constexpr (std::is_same<T, float>::value) {
+    xf = x;
+  } else {
+    if (conv.size() < static_cast<size_t>(N * K)) conv.resize(N * K);
+    for (int64_t i = 0; i < N * K; ++i) conv[i] = to_float(x[i]);
+    xf = conv.data();
+  }
+  const bool avx512 = cpu_has_avx512();
+  constexpr int64_t RB = 64, TB = 64;
+  const int64_t nrb = (M + RB - 1) / RB, ntb = (N + TB - 1) / TB;
+  const bool parallel = num_threads > 1 && nrb * ntb > 1 && N * M * K >= (int64_t(1) << 20);
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (parallel)
+  for (int64_t task = 0; task < nrb * ntb; ++task) {
+    const int64_t m0 = (task % nrb) * RB, m1 = std::min(M, m0 + RB);
+    const int64_t n0 = (task / nrb) * TB, n1 = std::min(N, n0 + TB);
+    for (int64_t m = m0; m < m1; m += 4) {
+      const T* wr[4];
+      const T* pf[4];
+      for (int r = 0; r < 4; ++r) {
+        wr[r] = w + std::min(m + r, M - 1) * K;
+        pf[r] = w + std::min(m + 8 + r, M - 1) * K;
+      }
+      float b[4] = {0.f, 0.f, 0.f, 0.f};
+      if (bias != nullptr)
+        for (int r = 0; r < 4; ++r) b[r] = to_float(bias[std::min(m + r, M - 1)]);
+      for (int64_t t0 = n0; t0 < n1; t0 += kTokTile) {
+        const int nt = static_cast<int>(std::min<int64_t>(kTokTile, n1 - t0));
+        const float* a[kTokTile];
+        for (int i = 0; i < nt; ++i) a[i] = xf + (t0 + i) * K;
+        float o[kTokTile][4];
+        dot_tile(avx512, a, nt, wr, K, o, t0 == n0 ? pf : nullptr);
+        for (int i = 0; i < nt; ++i) {
+          T* orow = out + (t0 + i) * M;
+          for (int r = 0; r < 4 && m + r < M; ++r) orow[m + r] = from_float<T>(o[i][r] + b[r]);
+        }
+      }
+    }
+  }
+  return Status::kOk;
+}
+
+}  // namespace disagg
