@@ -228,6 +228,17 @@ def test_colocated_equals_disaggregated(model, offline):
         s.stop()
 
 
+def _rank_pid(s, rank: int) -> int:
+    """The PID of the server's worker process with ``RANK=rank``."""
+    pids = subprocess.run(["pgrep", "-P", str(s.proc.pid)], capture_output=True,
+                          text=True).stdout.split()
+    for pid in pids:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            if f"RANK={rank}".encode() in f.read().split(b"\0"):
+                return int(pid)
+    raise AssertionError(f"no worker process with RANK={rank} among {pids}")
+
+
 def test_api_key_queue_limit_and_dead_decode_rank(model):
     s = Server(model, "--api-key", "sekret", "--max-waiting", "1", "--request-timeout", "60")
     s.key = "sekret"
@@ -249,14 +260,15 @@ def test_api_key_queue_limit_and_dead_decode_rank(model):
         for t in ts:
             t.join(timeout=60)
         assert 429 in codes and 200 in codes
-        # kill the decode rank while a stream is in flight: an error event, not a hang
+        # kill the decode rank while a stream is in flight: an error event, not a hang. The
+        # rank is found first (by its RANK, not by PID order, which wraps) so that the kill
+        # follows the first event at once: a decode of a few hundred tokens takes only tens of
+        # milliseconds here.
+        decode_pid = _rank_pid(s, 2)
         c = _client(s, "sekret")
-        stream = c.completions.create(model="mixtral", prompt="abc", max_tokens=400,
+        stream = c.completions.create(model="mixtral", prompt="abc", max_tokens=500,
                                       temperature=0, stream=True, extra_body={"ignore_eos": True})
         next(iter(stream))
-        pids = subprocess.run(["pgrep", "-P", str(s.proc.pid)], capture_output=True,
-                              text=True).stdout.split()
-        decode_pid = int(sorted(pids, key=int)[-1])  # ranks start in order; rank 2 is decode
         t0 = time.time()
         os.kill(decode_pid, signal.SIGKILL)
         with pytest.raises(Exception):
