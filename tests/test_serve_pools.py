@@ -18,7 +18,8 @@ pytest.importorskip("aiohttp")
 
 from disagg.parallel.layout import kv_head_range  # noqa: E402
 from disagg.serve.pool import kv_head_plan, layer_parts, plan_units, world_size  # noqa: E402
-from test_serve import PROMPTS, Server, _client, _greedy_ids, _stream_and_drop  # noqa: E402
+from test_serve import (PROMPTS, Server, _client, _greedy_ids, _rank_pid,  # noqa: E402
+                        _stream_and_drop)
 
 
 def _valid(n: int, tp: int) -> bool:
@@ -155,13 +156,10 @@ def test_tp2_to_tp2_and_killed_unit_member(model, offline):
                                      temperature=1.0, extra_body={"ignore_eos": True})
             assert r.usage.completion_tokens == 8
         assert _wait_no_blocks(s) == {"prefill": 0.0, "decode": 0.0}
-        stream = c.completions.create(model="mixtral", prompt="abc", max_tokens=400,
+        member = _rank_pid(s, 4)  # ranks: 0 frontend, 1-2 prefill unit, 3-4 decode unit
+        stream = c.completions.create(model="mixtral", prompt="abc", max_tokens=500,
                                       temperature=0, stream=True, extra_body={"ignore_eos": True})
         next(iter(stream))
-        pids = subprocess.run(["pgrep", "-P", str(s.proc.pid)], capture_output=True,
-                              text=True).stdout.split()
-        # ranks start in order: the last is the decode unit's second (non-leader) member
-        member = int(sorted(pids, key=int)[-1])
         t0 = time.time()
         os.kill(member, signal.SIGKILL)
         with pytest.raises(Exception):
