@@ -91,12 +91,45 @@ class Scheduler:
         except OutOfBlocksError:
             return False
 
+    def _token_budget(self) -> int:
+        """Tokens one step may compute (a whole prompt at least without chunked prefill)."""
+        cfg = self.config
+        if not cfg.enable_chunked_prefill:
+            return max(cfg.max_num_batched_tokens, self.max_model_len)
+        return cfg.max_num_batched_tokens
+
+    def _admit(self, out: list, budget: int, limit: int) -> int:
+        """Admit waiting requests in arrival order while blocks, the token ``budget`` and
+        ``limit`` running sequences allow, appending their work to ``out``; returns the budget
+        left."""
+        chunked = self.config.enable_chunked_prefill
+        while self.waiting and budget > 0 and len(self.running) < limit:
+            req = self.waiting[0]
+            n = req.num_tokens - req.num_computed
+            if n > budget:
+                if not chunked:
+                    break
+                n = budget
+            if not self.kv.can_allocate(n):
+                break
+            self.kv.allocate(req.request_id, n)
+            self.waiting.popleft()
+            req.status = Status.RUNNING
+            if getattr(req, "scheduled_time", None) is None:  # queue time for serving metrics
+                req.scheduled_time = time.perf_counter()
+            self._admitted(req)
+            self.running.append(req)
+            out.append(ScheduledSeq(req, req.num_computed, n))
+            budget -= n
+        return budget
+
+    def _admitted(self, req: Request) -> None:
+        """Called for each request :meth:`_admit` takes in (subclasses track admission order)."""
+
     def schedule(self) -> list:
         """Decide the next step; returns ``ScheduledSeq``s (may be empty)."""
         cfg = self.config
-        budget = cfg.max_num_batched_tokens
-        if not cfg.enable_chunked_prefill:
-            budget = max(budget, self.max_model_len)
+        budget = self._token_budget()
         out: list = []
         preempted = False
         i = 0
@@ -123,22 +156,6 @@ class Scheduler:
             i += 1
         # New work waits while running requests are being preempted: admitting it would only
         # take the blocks they need back.
-        while (not preempted and self.waiting and budget > 0
-               and len(self.running) < cfg.max_num_seqs):
-            req = self.waiting[0]
-            n = req.num_tokens - req.num_computed
-            if n > budget:
-                if not cfg.enable_chunked_prefill:
-                    break
-                n = budget
-            if not self.kv.can_allocate(n):
-                break
-            self.kv.allocate(req.request_id, n)
-            self.waiting.popleft()
-            req.status = Status.RUNNING
-            if getattr(req, "scheduled_time", None) is None:  # queue time for serving metrics
-                req.scheduled_time = time.perf_counter()
-            self.running.append(req)
-            out.append(ScheduledSeq(req, req.num_computed, n))
-            budget -= n
+        if not preempted:
+            self._admit(out, budget, cfg.max_num_seqs)
         return out

@@ -65,12 +65,9 @@ class GroupScheduler(Scheduler):
 
     def schedule(self) -> list:
         sh, cfg = self.shared, self.config
-        order = sh.order
         for req in [r for r in self.running if r.request_id in sh.evict]:
             self._preempt(req)
-        budget = cfg.max_num_batched_tokens
-        if not cfg.enable_chunked_prefill:
-            budget = max(budget, self.max_model_len)
+        budget = self._token_budget()
         self.starving = False
         out, preempted = [], False
         i = 0
@@ -102,26 +99,12 @@ class GroupScheduler(Scheduler):
             i += 1
         total = len(self.waiting) + sum(len(g.running) for g in sh.groups)
         limit = min(cfg.max_num_seqs, max(1, math.ceil(total / len(sh.groups))))
-        while (not preempted and not any(g.starving for g in sh.groups) and self.waiting
-               and budget > 0 and len(self.running) < limit):
-            req = self.waiting[0]
-            n = req.num_tokens - req.num_computed
-            if n > budget:
-                if not cfg.enable_chunked_prefill:
-                    break
-                n = budget
-            if not self.kv.can_allocate(n):
-                break
-            self.kv.allocate(req.request_id, n)
-            self.waiting.popleft()
-            req.status = Status.RUNNING
-            if getattr(req, "scheduled_time", None) is None:
-                req.scheduled_time = time.perf_counter()
-            order[req.request_id] = next(sh.seq)
-            self.running.append(req)
-            out.append(ScheduledSeq(req, req.num_computed, n))
-            budget -= n
+        if not preempted and not any(g.starving for g in sh.groups):
+            self._admit(out, budget, limit)
         return out
+
+    def _admitted(self, req) -> None:
+        self.shared.order[req.request_id] = next(self.shared.seq)
 
     def _evict_newer(self, req, need: int) -> bool:
         """Mark requests of other groups admitted after ``req`` for preemption, newest first,
