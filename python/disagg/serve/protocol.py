@@ -24,6 +24,9 @@ class LineConn:
     """Blocking JSON-lines connection used by worker ranks (thread-safe sends)."""
 
     def __init__(self, sock: socket.socket):
+        # Small messages (one token each) must leave at once: with Nagle's algorithm a send
+        # waits for the previous one's ACK, which the peer may delay by up to 40 ms.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock = sock
         self._lock = threading.Lock()
         self._rfile = sock.makefile("rb")
