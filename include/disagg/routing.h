@@ -6,10 +6,17 @@
 #include <cmath>
 #include <cstdint>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 #include "disagg/common.h"
+#include "disagg/cpu_features.h"
+#include "disagg/moe_combine_x86.h"
 #include "disagg/routing_params.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 namespace disagg {
 
@@ -370,9 +377,10 @@ Status moe_permute_cpu(const T* x, int64_t num_tokens, int64_t hidden, int64_t x
 namespace detail {
 
 // acc[h] (+)= w * x[h] over one row; the 16-bit loads are plain bit shifts so the loops vectorize.
+// The first row adds to 0.0f (as the SIMD and CUDA kernels do, so a -0 product gives +0).
 DISAGG_MULTIVERSION static void axpy_row(float* acc, const float* x, float w, int64_t n, bool first) {
   if (first) {
-    for (int64_t h = 0; h < n; ++h) acc[h] = w * x[h];
+    for (int64_t h = 0; h < n; ++h) acc[h] = 0.0f + w * x[h];
   } else {
     for (int64_t h = 0; h < n; ++h) acc[h] += w * x[h];
   }
@@ -419,6 +427,30 @@ Status moe_combine_cpu(const T* y, int64_t rows, int64_t hidden, const int32_t* 
                        const W* weights, int64_t num_tokens, int64_t top_k, O* out) {
   for (int64_t a = 0; a < num_tokens * top_k; ++a)
     if (dest[a] < -1 || dest[a] >= rows) return Status::kInvalidArgument;
+#if DISAGG_X86_SIMD
+  if constexpr (std::is_same<W, float>::value) {
+    if (cpu::use_avx2()) {
+      const bool nt = num_tokens * hidden * static_cast<int64_t>(sizeof(O)) >= x86::kCombineStreamBytes;
+      const bool wide = cpu::use_avx512();
+#pragma omp parallel if (num_tokens * hidden > 65536)
+      {
+#ifdef _OPENMP
+        const int64_t nth = omp_get_num_threads(), id = omp_get_thread_num();
+#else
+        const int64_t nth = 1, id = 0;
+#endif
+        // contiguous token ranges: each thread's prefetch runs on into its own next token
+        const int64_t t0 = num_tokens * id / nth, t1 = num_tokens * (id + 1) / nth;
+        if (wide) {
+          x86::combine_tokens_avx512(y, hidden, dest, weights, top_k, t0, t1, out, nt);
+        } else {
+          x86::combine_tokens_avx2(y, hidden, dest, weights, top_k, t0, t1, out, nt);
+        }
+      }
+      return Status::kOk;
+    }
+  }
+#endif
 #pragma omp parallel if (num_tokens * hidden > 65536)
   {
     std::vector<float> acc(static_cast<size_t>(std::min<int64_t>(hidden, 1024)));
