@@ -136,6 +136,26 @@ def test_nan_and_inf_rows():
     assert_route_equal(sig, ref.route(logits, 2, scoring="sigmoid"))
 
 
+@pytest.mark.parametrize("E", [1, 5, 16, 17, 33, 64, 100, 128, 129, 255, 256, 257])
+def test_route_ties_and_specials_every_width(E):
+    """Rows drawn from a few values (+-0, +-inf, NaN, repeats) at every block width of the
+    vectorized top-k (16 experts per block, up to 256) and just past it: ids equal the
+    reference exactly (ties to the lower index, NaN as -inf, -0 tied with +0)."""
+    g = torch.Generator().manual_seed(E)
+    inf, nan = float("inf"), float("nan")
+    choices = torch.tensor([-inf, -1.0, -0.0, 0.0, 0.5, 1.0, 1.0, 2.0, inf, nan])
+    pick = torch.randint(0, len(choices), (96, E), generator=g)
+    # a third of the rows without inf/NaN, so most rows keep finite weights
+    pick[::3] = torch.randint(1, 8, (32, E), generator=g)
+    for dtype in FLOATS:
+        x = choices[pick].to(dtype)
+        for k in sorted({1, min(E, 2), min(E, 8), min(E, 16)}):
+            assert_route_equal(ops.route(x, k), ref.route(x, k))
+        kc = min(E, 8)
+        assert_route_equal(ops.route(x, kc, capacity_factor=1.0),
+                           ref.route(x, kc, capacity_factor=1.0))
+
+
 def test_bias_changes_choice_not_weight():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
     bias = torch.tensor([0.0, 0.0, 0.0, 10.0])
