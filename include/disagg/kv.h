@@ -254,7 +254,7 @@ Status pack_cpu(const T* const* layers, const Idx* table, int64_t table_len, con
 #endif
 #pragma omp parallel if (items * bs * row * static_cast<int64_t>(sizeof(T)) > kParallelBytes)
   {
-  std::vector<uint32_t> mx(static_cast<size_t>(Hc));
+  std::vector<uint32_t> mx(static_cast<size_t>(Hc)), lanes(static_cast<size_t>(Hc) * 8);
   std::vector<float> inv(static_cast<size_t>(Hc));
   std::vector<char> skip(static_cast<size_t>(Hc));
 #pragma omp for schedule(static)
@@ -288,7 +288,7 @@ Status pack_cpu(const T* const* layers, const Idx* table, int64_t table_len, con
         const int64_t l1 = (it + 1) / (2 * nblk), c1 = ((it + 1) / nblk) % 2, j1 = (it + 1) % nblk;
         next = layers[l1] + cache_offset(g, static_cast<int64_t>(table[j1]), c1, 0, p.head_start);
       }
-      avx2::block_abs_bits(base, g.stride_token, g.stride_head, nt, Hc, D, mx.data(), next);
+      avx2::block_abs_bits(base, g.stride_token, g.stride_head, nt, Hc, D, mx.data(), lanes.data());
       for (int64_t h = 0; h < Hc; ++h) {
         skip[h] = mx[h] >= AbsBits<T>::kInf;
         const QuantParams qp = quant_params(p.quant, from_abs_bits(mx[h], static_cast<T*>(nullptr)));
@@ -297,10 +297,10 @@ Status pack_cpu(const T* const* layers, const Idx* table, int64_t table_len, con
       }
       if (wide) {
         avx2::quantize_block512(p.quant == Quant::kInt8, base, g.stride_token, g.stride_head, nt, Hc,
-                                D, inv.data(), skip.data(), dst, row, stream);
+                                D, inv.data(), skip.data(), dst, row, stream, next);
       } else {
         avx2::quantize_block(p.quant == Quant::kInt8, base, g.stride_token, g.stride_head, nt, Hc, D,
-                             inv.data(), skip.data(), dst, row, stream);
+                             inv.data(), skip.data(), dst, row, stream, next);
       }
       continue;
     }

@@ -200,7 +200,7 @@ DISAGG_TARGET_AVX512 inline __m512i int8_values16(__m512 y) {
 }
 
 template <typename T>
-DISAGG_TARGET_AVX512 void quantize_rows512(bool int8, const T* src, uint8_t* dst, int64_t D, float inv, bool stream) {
+DISAGG_TARGET_AVX512 inline __attribute__((always_inline)) void quantize_rows512(bool int8, const T* src, uint8_t* dst, int64_t D, float inv, bool stream) {
   const __m512 vinv = _mm512_set1_ps(inv);
   const bool nt_row = stream && is_aligned32(dst);
   for (int64_t d = 0; d < D; d += 32) {
@@ -221,43 +221,74 @@ DISAGG_TARGET_AVX512 void quantize_rows512(bool int8, const T* src, uint8_t* dst
 template <typename T>
 DISAGG_TARGET_AVX512 void quantize_block512(bool int8, const T* base, int64_t stride_token, int64_t stride_head,
                                             int64_t nt, int64_t Hc, int64_t D, const float* inv,
-                                            const char* skip, uint8_t* dst, int64_t row, bool stream) {
-  for (int64_t o = 0; o < nt; ++o)
-    for (int64_t h = 0; h < Hc; ++h)
-      if (!skip[h])
-        quantize_rows512(int8, base + o * stride_token + h * stride_head, dst + o * row + h * D, D, inv[h], stream);
-}
-
-// A whole (layer, K/V, block) item, token by token (the order the cache and the buffer are laid
-// out in, so reads and writes stream): mx[h] = the group's max |x| bits over its nt tokens.
-// Items are whole blocks at scattered places: `next` (the next item's base, or null) is
-// prefetched row by row alongside, so its misses overlap this item's work.
-template <typename T>
-DISAGG_TARGET_AVX2 void block_abs_bits(const T* base, int64_t stride_token, int64_t stride_head,
-                                       int64_t nt, int64_t Hc, int64_t D, uint32_t* mx, const T* next) {
-  for (int64_t h = 0; h < Hc; ++h) mx[h] = 0;
-  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
+                                            const char* skip, uint8_t* dst, int64_t row, bool stream,
+                                            const T* next) {
   for (int64_t o = 0; o < nt; ++o)
     for (int64_t h = 0; h < Hc; ++h) {
       const int64_t off = o * stride_token + h * stride_head;
       if (next != nullptr)
-        for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(reinterpret_cast<const char*>(next + off) + b, _MM_HINT_T0);
-      const uint32_t m = group_abs_bits(base + off, 0, 1, D);
-      mx[h] = m > mx[h] ? m : mx[h];
+        for (int64_t b = 0; b < D * static_cast<int64_t>(sizeof(T)); b += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(next + off) + b, _MM_HINT_T0);
+      if (!skip[h]) quantize_rows512(int8, base + off, dst + o * row + h * D, D, inv[h], stream);
     }
 }
 
+// A whole (layer, K/V, block) item, token by token (the order the cache and the buffer are laid
+// out in, so reads and writes stream): mx[h] = the group's max |x| bits over its nt tokens.
+// `lanes` is scratch of Hc * 8 words: one vector of running maxima per head, reduced once.
+DISAGG_TARGET_AVX2 inline __m256i abs_max_row(const float* r, int64_t D, __m256i acc) {
+  const __m256i mask = _mm256_set1_epi32(0x7fffffff);
+  for (int64_t d = 0; d < D; d += 8)
+    acc = _mm256_max_epu32(acc, _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + d)), mask));
+  return acc;
+}
+template <typename T16>
+DISAGG_TARGET_AVX2 inline __m256i abs_max_row(const T16* r, int64_t D, __m256i acc) {
+  const __m256i mask = _mm256_set1_epi16(0x7fff);
+  for (int64_t d = 0; d < D; d += 16)
+    acc = _mm256_max_epu16(acc, _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + d)), mask));
+  return acc;
+}
+DISAGG_TARGET_AVX2 inline uint32_t reduce_abs(__m256i acc, const float*) { return hmax_epu32(acc); }
+template <typename T16>
+DISAGG_TARGET_AVX2 inline uint32_t reduce_abs(__m256i acc, const T16*) {
+  return hmax_epu32(_mm256_max_epu32(_mm256_and_si256(acc, _mm256_set1_epi32(0xffff)), _mm256_srli_epi32(acc, 16)));
+}
+
+template <typename T>
+DISAGG_TARGET_AVX2 void block_abs_bits(const T* base, int64_t stride_token, int64_t stride_head,
+                                       int64_t nt, int64_t Hc, int64_t D, uint32_t* mx, uint32_t* lanes) {
+  __m256i* acc = reinterpret_cast<__m256i*>(lanes);
+  for (int64_t h = 0; h < Hc; ++h) _mm256_storeu_si256(acc + h, _mm256_setzero_si256());
+  for (int64_t o = 0; o < nt; ++o)
+    for (int64_t h = 0; h < Hc; ++h)
+      _mm256_storeu_si256(acc + h, abs_max_row(base + o * stride_token + h * stride_head, D,
+                                               _mm256_loadu_si256(acc + h)));
+  for (int64_t h = 0; h < Hc; ++h) mx[h] = reduce_abs(_mm256_loadu_si256(acc + h), base);
+}
+
 // ... and its payload: token o, head h -> dst + o * row + h * D, times inv[h] (heads with
-// skip[h] set are left unwritten: their group is not finite and the pack fails).
+// skip[h] set are left unwritten: their group is not finite and the pack fails). Items are
+// whole blocks at scattered places: `next` (the next item's base, or null) is prefetched row by
+// row meanwhile, so its misses overlap this pass's arithmetic (the first pass then reads from
+// cache).
+template <typename T>
+DISAGG_TARGET_AVX2 inline void prefetch_row(const T* p, int64_t D) {
+  for (int64_t b = 0; b < D * static_cast<int64_t>(sizeof(T)); b += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(p) + b, _MM_HINT_T0);
+}
+
 template <typename T>
 DISAGG_TARGET_AVX2 void quantize_block(bool int8, const T* base, int64_t stride_token, int64_t stride_head,
                                        int64_t nt, int64_t Hc, int64_t D, const float* inv,
-                                       const char* skip, uint8_t* dst, int64_t row, bool stream) {
+                                       const char* skip, uint8_t* dst, int64_t row, bool stream,
+                                       const T* next) {
   for (int64_t o = 0; o < nt; ++o)
-    for (int64_t h = 0; h < Hc; ++h)
-      if (!skip[h])
-        quantize_rows(int8, base + o * stride_token + h * stride_head, 0, dst + o * row + h * D, 0, 1,
-                      D, inv[h], stream);
+    for (int64_t h = 0; h < Hc; ++h) {
+      const int64_t off = o * stride_token + h * stride_head;
+      if (next != nullptr) prefetch_row(next + off, D);
+      if (!skip[h]) quantize_rows(int8, base + off, 0, dst + o * row + h * D, 0, 1, D, inv[h], stream);
+    }
 }
 
 // ---- dequantize ---------------------------------------------------------------------------------
