@@ -251,6 +251,7 @@ Status pack_cpu(const T* const* layers, const Idx* table, int64_t table_len, con
 #if DISAGG_X86_SIMD
   const bool simd_quant = p.quant != Quant::kNone && D % 32 == 0 && cpu::use_avx2();
   const bool wide = simd_quant && cpu::use_avx512();
+  const bool stream_plain = stream && cpu::use_avx2();
 #endif
 #pragma omp parallel if (items * bs * row * static_cast<int64_t>(sizeof(T)) > kParallelBytes)
   {
@@ -265,6 +266,17 @@ Status pack_cpu(const T* const* layers, const Idx* table, int64_t table_len, con
     const int64_t first = ((l * 2 + c) * p.num_tokens + t0) * row;  // payload element index
     if (p.quant == Quant::kNone) {
       T* dst = reinterpret_cast<T*>(payload) + first;
+#if DISAGG_X86_SIMD
+      if (block_contig && stream_plain) {
+        const T* next = nullptr;
+        if (it + 1 < items) {
+          const int64_t l1 = (it + 1) / (2 * nblk), c1 = ((it + 1) / nblk) % 2, j1 = (it + 1) % nblk;
+          next = layers[l1] + cache_offset(g, static_cast<int64_t>(table[j1]), c1, 0, p.head_start);
+        }
+        avx2::stream_copy(dst, base, nt * row * static_cast<int64_t>(sizeof(T)), next);
+        continue;
+      }
+#endif
       if (block_contig) {
         std::memcpy(dst, base, static_cast<size_t>(nt * row) * sizeof(T));
       } else if (heads_contig) {
@@ -308,10 +320,10 @@ Status pack_cpu(const T* const* layers, const Idx* table, int64_t table_len, con
     for (int64_t h = 0; h < Hc; ++h)
       quantize_group(p.quant, base + h * g.stride_head, g.stride_token, dst + h * D, row, nt, D, sc + h);
   }
-  }
 #if DISAGG_X86_SIMD
-  if (stream) _mm_sfence();  // order the non-temporal stores before the buffer is handed on
+  if (stream) _mm_sfence();  // each thread orders its non-temporal stores before the op returns
 #endif
+  }
   if (p.quant != Quant::kNone) {
     // non-finite values have no meaningful scale: report instead of sending garbage
     const int64_t ns = p.num_layers * 2 * nblk * Hc;
@@ -348,14 +360,24 @@ Status unpack_cpu(const uint8_t* buf, const BufferHeader& hdr, T* const* layers,
   const int64_t items = hdr.num_layers * 2 * nblk;
 #if DISAGG_X86_SIMD
   const bool simd_dequant = quant != Quant::kNone && D % 8 == 0 && cpu::use_avx2();
+  // the destination blocks are written once and not read back by this op
+  const bool stream_plain = items * bs * row * static_cast<int64_t>(sizeof(T)) >= kStreamBytes && cpu::use_avx2();
 #endif
-#pragma omp parallel for schedule(static) if (items * bs * row * static_cast<int64_t>(sizeof(T)) > kParallelBytes)
+#pragma omp parallel if (items * bs * row * static_cast<int64_t>(sizeof(T)) > kParallelBytes)
+  {
+#pragma omp for schedule(static)
   for (int64_t it = 0; it < items; ++it) {
     const int64_t l = it / (2 * nblk), c = (it / nblk) % 2, j = it % nblk;
     T* base = layers[l] + cache_offset(g, static_cast<int64_t>(table[j]), c, 0, p.head_start);
     const int64_t t0 = j * bs, nt = kmin(bs, T_ - t0);
     const P* src = payload + ((l * 2 + c) * T_ + t0) * row;
     if (quant == Quant::kNone) {
+#if DISAGG_X86_SIMD
+      if (block_contig && stream_plain && std::is_same<P, T>::value) {
+        avx2::stream_copy(base, src, nt * row * static_cast<int64_t>(sizeof(T)), nullptr);
+        continue;
+      }
+#endif
       if (block_contig) {
         convert_row(src, base, nt * row);
       } else if (heads_contig) {
@@ -380,6 +402,10 @@ Status unpack_cpu(const uint8_t* buf, const BufferHeader& hdr, T* const* layers,
     for (int64_t o = 0; o < nt; ++o)
       dequantize_token(quant, q + o * row, base + o * g.stride_token, g.stride_head, Hc, D,
                        sc + ((t0 + o) / sgroup) * Hc);
+  }
+#if DISAGG_X86_SIMD
+  if (stream_plain) _mm_sfence();  // each thread orders its non-temporal stores
+#endif
   }
   return Status::kOk;
 }
