@@ -396,7 +396,7 @@ import sys, torch, disagg
 from disagg import ops
 out = []
 for dtype in (torch.float32, torch.bfloat16, torch.float16):
-    for quant in ("int8", "fp8_e4m3"):
+    for quant in ("none", "int8", "fp8_e4m3"):
         g = torch.Generator().manual_seed(3)
         caches = [(torch.randn(40, 2, 16, 4, 64, generator=g) * 5).to(dtype) for _ in range(4)]
         caches[1][3, 0, 5, 2, 7] = 900.0  # an outlier in one group
@@ -411,9 +411,9 @@ torch.save(out, sys.argv[1])
 
 
 def test_kv_simd_paths_give_the_same_bits(tmp_path):
-    """The AVX-512, AVX2 and portable quantize/dequantize kernels agree bit for bit (each runs in
-    its own process: the environment picks the path at load time); the buffers are large enough
-    for the non-temporal store path."""
+    """The AVX-512, AVX2 and portable pack/unpack kernels (quantizing or not) agree bit for bit
+    (each runs in its own process: the environment picks the path at load time); the buffers are
+    large enough for the non-temporal store paths."""
     import os
     import subprocess
     import sys
