@@ -15,6 +15,7 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -120,6 +121,59 @@ DISAGG_TARGET_AVX512 inline void store32(bf16_t* p, __mmask32 m, __m512 lo, __m5
 DISAGG_TARGET_AVX512 inline void store32(f16_t* p, __mmask32 m, __m512 lo, __m512 hi, bool nt) {
   constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
   store32_16(p, m, _mm512_cvtps_ph(lo, kRound), _mm512_cvtps_ph(hi, kRound), nt);
+}
+
+// bf16 in a lane order of its own: interleaving zero words below the bf16 words gives the
+// float bits in one instruction per 16 lanes (instead of a widening move and a shift). lo holds
+// words {0-3, 8-11, 16-19, 24-27} of the 32, hi the others; the arithmetic is per lane, so the
+// order only matters when storing, where one two-source permute restores it.
+DISAGG_TARGET_AVX512 inline void load32_interleaved(const bf16_t* p, __mmask32 m, __m512& lo, __m512& hi) {
+  const __m512i r = _mm512_maskz_loadu_epi16(m, p);
+  lo = _mm512_castsi512_ps(_mm512_unpacklo_epi16(_mm512_setzero_si512(), r));
+  hi = _mm512_castsi512_ps(_mm512_unpackhi_epi16(_mm512_setzero_si512(), r));
+}
+
+// source dword (0-15 in lo, 16-31 in hi) of output element j of an interleaved pair
+constexpr int interleaved_dword(int j) { return (j % 8) < 4 ? (j / 8) * 4 + (j % 8) : 16 + (j / 8) * 4 + (j % 8) - 4; }
+
+DISAGG_TARGET_AVX512 inline void store32_interleaved(float* p, __mmask32 m, __m512 lo, __m512 hi, bool nt) {
+  const __m512i i0 = _mm512_setr_epi32(
+      interleaved_dword(0), interleaved_dword(1), interleaved_dword(2), interleaved_dword(3),
+      interleaved_dword(4), interleaved_dword(5), interleaved_dword(6), interleaved_dword(7),
+      interleaved_dword(8), interleaved_dword(9), interleaved_dword(10), interleaved_dword(11),
+      interleaved_dword(12), interleaved_dword(13), interleaved_dword(14), interleaved_dword(15));
+  const __m512i i1 = _mm512_setr_epi32(
+      interleaved_dword(16), interleaved_dword(17), interleaved_dword(18), interleaved_dword(19),
+      interleaved_dword(20), interleaved_dword(21), interleaved_dword(22), interleaved_dword(23),
+      interleaved_dword(24), interleaved_dword(25), interleaved_dword(26), interleaved_dword(27),
+      interleaved_dword(28), interleaved_dword(29), interleaved_dword(30), interleaved_dword(31));
+  store32(p, m, _mm512_permutex2var_ps(lo, i0, hi), _mm512_permutex2var_ps(lo, i1, hi), nt);
+}
+
+// float -> bf16 bits (nearest even, quiet NaN) left in the high word of each dword
+DISAGG_TARGET_AVX512 inline __m512i bf16_round_high(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb);
+  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                                _mm512_set1_epi32(0x7f800000));
+  return _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(u, _mm512_set1_epi32(0x400000)));
+}
+
+DISAGG_TARGET_AVX512 inline void store32_interleaved(bf16_t* p, __mmask32 m, __m512 lo, __m512 hi, bool nt) {
+  alignas(64) static constexpr uint16_t kIdx[32] = {
+#define DISAGG_W(j) static_cast<uint16_t>(2 * interleaved_dword(j) + 1)
+      DISAGG_W(0), DISAGG_W(1), DISAGG_W(2), DISAGG_W(3), DISAGG_W(4), DISAGG_W(5), DISAGG_W(6), DISAGG_W(7),
+      DISAGG_W(8), DISAGG_W(9), DISAGG_W(10), DISAGG_W(11), DISAGG_W(12), DISAGG_W(13), DISAGG_W(14), DISAGG_W(15),
+      DISAGG_W(16), DISAGG_W(17), DISAGG_W(18), DISAGG_W(19), DISAGG_W(20), DISAGG_W(21), DISAGG_W(22), DISAGG_W(23),
+      DISAGG_W(24), DISAGG_W(25), DISAGG_W(26), DISAGG_W(27), DISAGG_W(28), DISAGG_W(29), DISAGG_W(30), DISAGG_W(31)};
+#undef DISAGG_W
+  const __m512i v = _mm512_permutex2var_epi16(bf16_round_high(lo), _mm512_load_si512(kIdx), bf16_round_high(hi));
+  if (nt && m == 0xffffffffu && aligned_to(p, 64)) {
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(p), v);
+  } else {
+    _mm512_mask_storeu_epi16(p, m, v);
+  }
 }
 
 // ---- AVX2: 32 elements as four ymm of floats -------------------------------------------------
@@ -237,15 +291,24 @@ DISAGG_TARGET_AVX512 void combine_tokens_avx512(const T* y, int64_t hidden, cons
       const __mmask32 m = h + 32 <= hidden ? 0xffffffffu : ((1u << (hidden - h)) - 1u);
       prefetch_ahead(cur, n, nxt, nn, h * static_cast<int64_t>(sizeof(T)) + kCombinePrefetchBytes,
                      kChunk, row_bytes);
+      constexpr bool kInterleaved = std::is_same<T, bf16_t>::value;
       __m512 alo = _mm512_setzero_ps(), ahi = _mm512_setzero_ps();
       for (int64_t j = 0; j < n; ++j) {
         __m512 xlo, xhi;
-        load32(cur[j] + h, m, xlo, xhi);
+        if constexpr (kInterleaved) {
+          load32_interleaved(cur[j] + h, m, xlo, xhi);
+        } else {
+          load32(cur[j] + h, m, xlo, xhi);
+        }
         const __m512 w = _mm512_set1_ps(cw[j]);
         alo = _mm512_add_ps(alo, keep(_mm512_mul_ps(w, xlo)));
         ahi = _mm512_add_ps(ahi, keep(_mm512_mul_ps(w, xhi)));
       }
-      store32(o + h, m, alo, ahi, nt);
+      if constexpr (kInterleaved && (std::is_same<O, bf16_t>::value || std::is_same<O, float>::value)) {
+        store32_interleaved(o + h, m, alo, ahi, nt);
+      } else {
+        store32(o + h, m, alo, ahi, nt);
+      }
     }
     std::swap(cur, nxt);
     std::swap(cw, nw);
