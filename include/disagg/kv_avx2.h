@@ -216,13 +216,14 @@ DISAGG_TARGET_AVX512 inline __m512i fp8_codes16(__m512 y) {
   const __m512i c = _mm512_min_epi32(a, _mm512_set1_epi32(0x43e00000));
   const __m512i sub = _mm512_cvtps_epi32(
       _mm512_mul_ps(_mm512_castsi512_ps(_mm512_min_epi32(c, _mm512_set1_epi32(0x3c800000))), _mm512_set1_ps(512.0f)));
+  // the exponent rebias folded into the rounding add; an arithmetic shift keeps the (then
+  // negative) values below 2^-6 small, where the max picks the subnormal code anyway
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(c, 20), _mm512_set1_epi32(1));
-  const __m512i nrm = _mm512_sub_epi32(
-      _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(c, _mm512_set1_epi32(0x7ffff)), lsb), 20),
-      _mm512_set1_epi32((127 - 7) << 3));
+  const __m512i nrm = _mm512_srai_epi32(
+      _mm512_add_epi32(_mm512_add_epi32(c, _mm512_set1_epi32(0x7ffff - (((127 - 7) << 3) << 20))), lsb), 20);
   __m512i r = _mm512_max_epi32(nrm, sub);
   r = _mm512_mask_mov_epi32(r, _mm512_cmpgt_epi32_mask(a, _mm512_set1_epi32(0x7f800000)), _mm512_set1_epi32(0x7f));
-  return _mm512_or_si512(r, _mm512_and_si512(_mm512_srli_epi32(u, 24), _mm512_set1_epi32(0x80)));
+  return _mm512_mask_or_epi32(r, _mm512_cmplt_epi32_mask(u, _mm512_setzero_si512()), r, _mm512_set1_epi32(0x80));
 }
 
 DISAGG_TARGET_AVX512 inline __m512i int8_values16(__m512 y) {
@@ -230,16 +231,16 @@ DISAGG_TARGET_AVX512 inline __m512i int8_values16(__m512 y) {
   return _mm512_max_epi32(_mm512_min_epi32(r, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
 }
 
-template <typename T>
-DISAGG_TARGET_AVX512 inline __attribute__((always_inline)) void quantize_rows512(bool int8, const T* src, uint8_t* dst, int64_t D, float inv, bool stream) {
+template <bool kInt8, typename T>
+DISAGG_TARGET_AVX512 inline __attribute__((always_inline)) void quantize_rows512(const T* src, uint8_t* dst, int64_t D, float inv, bool stream) {
   const __m512 vinv = _mm512_set1_ps(inv);
   const bool nt_row = stream && is_aligned32(dst);
   for (int64_t d = 0; d < D; d += 32) {
     const __m512 y0 = _mm512_mul_ps(load16(src + d), vinv);
     const __m512 y1 = _mm512_mul_ps(load16(src + d + 16), vinv);
     // values fit a byte (int8 clamped to +-127, fp8 codes 0..255): vpmovdb truncates exactly
-    const __m128i b0 = _mm512_cvtepi32_epi8(int8 ? int8_values16(y0) : fp8_codes16(y0));
-    const __m128i b1 = _mm512_cvtepi32_epi8(int8 ? int8_values16(y1) : fp8_codes16(y1));
+    const __m128i b0 = _mm512_cvtepi32_epi8(kInt8 ? int8_values16(y0) : fp8_codes16(y0));
+    const __m128i b1 = _mm512_cvtepi32_epi8(kInt8 ? int8_values16(y1) : fp8_codes16(y1));
     const __m256i b = _mm256_inserti128_si256(_mm256_castsi128_si256(b0), b1, 1);
     if (nt_row) {
       _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + d), b);
@@ -249,19 +250,32 @@ DISAGG_TARGET_AVX512 inline __attribute__((always_inline)) void quantize_rows512
   }
 }
 
-template <typename T>
-DISAGG_TARGET_AVX512 void quantize_block512(bool int8, const T* base, int64_t stride_token, int64_t stride_head,
-                                            int64_t nt, int64_t Hc, int64_t D, const float* inv,
-                                            const char* skip, uint8_t* dst, int64_t row, bool stream,
-                                            const T* next) {
+// (the element type and the quantization are template parameters, so that each loop is compiled
+// with its constants in registers)
+template <bool kInt8, typename T>
+DISAGG_TARGET_AVX512 void quantize_block512_t(const T* base, int64_t stride_token, int64_t stride_head,
+                                              int64_t nt, int64_t Hc, int64_t D, const float* inv,
+                                              const char* skip, uint8_t* dst, int64_t row, bool stream,
+                                              const T* next) {
   for (int64_t o = 0; o < nt; ++o)
     for (int64_t h = 0; h < Hc; ++h) {
       const int64_t off = o * stride_token + h * stride_head;
       if (next != nullptr)
         for (int64_t b = 0; b < D * static_cast<int64_t>(sizeof(T)); b += 64)
           _mm_prefetch(reinterpret_cast<const char*>(next + off) + b, _MM_HINT_T0);
-      if (!skip[h]) quantize_rows512(int8, base + off, dst + o * row + h * D, D, inv[h], stream);
+      if (!skip[h]) quantize_rows512<kInt8>(base + off, dst + o * row + h * D, D, inv[h], stream);
     }
+}
+
+template <typename T>
+inline void quantize_block512(bool int8, const T* base, int64_t stride_token, int64_t stride_head,
+                              int64_t nt, int64_t Hc, int64_t D, const float* inv, const char* skip,
+                              uint8_t* dst, int64_t row, bool stream, const T* next) {
+  if (int8) {
+    quantize_block512_t<true>(base, stride_token, stride_head, nt, Hc, D, inv, skip, dst, row, stream, next);
+  } else {
+    quantize_block512_t<false>(base, stride_token, stride_head, nt, Hc, D, inv, skip, dst, row, stream, next);
+  }
 }
 
 // A whole (layer, K/V, block) item, token by token (the order the cache and the buffer are laid
