@@ -234,8 +234,25 @@ DISAGG_TARGET_AVX512 inline __m512i int8_values16(__m512 y) {
 template <bool kInt8, typename T>
 DISAGG_TARGET_AVX512 inline __attribute__((always_inline)) void quantize_rows512(const T* src, uint8_t* dst, int64_t D, float inv, bool stream) {
   const __m512 vinv = _mm512_set1_ps(inv);
+  int64_t d = 0;
+  if (stream && D % 64 == 0 && (reinterpret_cast<uintptr_t>(dst) & 63) == 0) {
+    // whole 64-byte lines per non-temporal store: a line written in halves can leave the
+    // write-combining buffer early and cost a read after all
+    for (; d < D; d += 64) {
+      __m128i b[4];
+      for (int i = 0; i < 4; ++i) {
+        const __m512 y = _mm512_mul_ps(load16(src + d + 16 * i), vinv);
+        b[i] = _mm512_cvtepi32_epi8(kInt8 ? int8_values16(y) : fp8_codes16(y));
+      }
+      const __m512i v = _mm512_inserti64x4(
+          _mm512_castsi256_si512(_mm256_inserti128_si256(_mm256_castsi128_si256(b[0]), b[1], 1)),
+          _mm256_inserti128_si256(_mm256_castsi128_si256(b[2]), b[3], 1), 1);
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + d), v);
+    }
+    return;
+  }
   const bool nt_row = stream && is_aligned32(dst);
-  for (int64_t d = 0; d < D; d += 32) {
+  for (; d < D; d += 32) {
     const __m512 y0 = _mm512_mul_ps(load16(src + d), vinv);
     const __m512 y1 = _mm512_mul_ps(load16(src + d + 16), vinv);
     // values fit a byte (int8 clamped to +-127, fp8 codes 0..255): vpmovdb truncates exactly
