@@ -24,4 +24,11 @@ RouteParams make_route_params(const at::Tensor& logits, int64_t top_k, const std
 void check_permute_args(const at::Tensor& x, const at::Tensor& src, int64_t top_k,
                         const at::Tensor& out);
 
+// Validates moe_combine's y, dest and weights, and moe_combine_into's out (shared by both
+// backends; the device check of y is the backend's own).
+void check_combine_args(const at::Tensor& y, const at::Tensor& dest, const at::Tensor& weights,
+                        const char* op);
+void check_combine_out(const at::Tensor& y, const at::Tensor& weights, const at::Tensor& out,
+                       const char* op);
+
 }  // namespace disagg

@@ -20,6 +20,8 @@ TORCH_LIBRARY(disagg, m) {
   m.def("moe_permute_into(Tensor x, Tensor src, int top_k, Tensor(a!) out) -> ()");
   // y [rows,H], dest [T*k], weights [T,k] -> [T,H] weighted sum in float32
   m.def("moe_combine(Tensor y, Tensor dest, Tensor weights, ScalarType? out_dtype=None) -> Tensor");
+  // the same into a caller-owned out [T,H] (float32 or y's dtype; must not overlap y)
+  m.def("moe_combine_into(Tensor y, Tensor dest, Tensor weights, Tensor(a!) out) -> ()");
 
   // ---- Paged KV cache ----------------------------------------------------------------------
   // caches: per-layer [num_blocks, 2, block_size, kv_heads, head_dim] (NHD) or

@@ -360,6 +360,93 @@ def test_fp8_conversion_matches_torch():
     assert (scales == 1.0).all()
 
 
+def _fp8_grid_and_midpoints():
+    """Every finite e4m3fn value, every rounding midpoint between neighbours, and the float32
+    neighbours (one ulp either side) of both, positive and negative, |x| <= 448."""
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float()
+    pos = torch.unique(codes[torch.isfinite(codes) & (codes >= 0)])  # 0 .. 448, sorted
+    mids = (pos[1:] + pos[:-1]) / 2  # exact in float32
+    base = torch.cat([pos, mids])
+    around = torch.cat([base, torch.nextafter(base, torch.full_like(base, float("inf"))),
+                        torch.nextafter(base, torch.zeros_like(base))])
+    around = around[around <= 448.0]
+    return torch.cat([around, -around, torch.tensor([-0.0])])
+
+
+def test_fp8_encoder_every_value_and_midpoint_matches_torch():
+    """The vectorized float -> e4m3fn encoder (through an fp32 pack with scale 1) equals torch's
+    cast at every e4m3 value, every midpoint (ties to even) and their float32 neighbours."""
+    vals = _fp8_grid_and_midpoints()
+    D = 64
+    n = -(-vals.numel() // (D - 1))
+    rows = torch.full((n, D), 448.0)
+    flat = rows[:, : D - 1].reshape(-1)
+    flat[: vals.numel()] = vals
+    rows[:, : D - 1] = flat.view(n, D - 1)  # the last column stays 448: scale 448/448 = 1
+    caches = [rows.view(n, 1, 1, 1, D).expand(n, 2, 1, 1, D).contiguous()]
+    table = torch.arange(n, dtype=torch.int32)
+    buf = ops.kv_pack(caches, table, n, quant="fp8_e4m3")
+    q = buf[64:64 + n * D].view(n, D)
+    assert torch.equal(q, rows.to(torch.float8_e4m3fn).view(torch.uint8))
+    assert torch.equal(buf, ref.kv_pack(caches, table, n, quant="fp8_e4m3"))
+
+
+_KV_SIMD_CHILD = """
+import sys, torch, disagg
+from disagg import ops
+out = []
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    for quant in ("none", "int8", "fp8_e4m3"):
+        g = torch.Generator().manual_seed(3)
+        caches = [(torch.randn(40, 2, 16, 4, 64, generator=g) * 5).to(dtype) for _ in range(4)]
+        caches[1][3, 0, 5, 2, 7] = 900.0  # an outlier in one group
+        table = torch.randperm(40, generator=g)[:37].to(torch.int32)
+        buf = ops.kv_pack(caches, table, 580, quant=quant)  # 4 layers x 2 x 580 x 4 x 64: > 4 MiB
+        out.append(buf)
+        dst = [torch.zeros(40, 2, 16, 4, 64, dtype=dtype) for _ in range(4)]
+        ops.kv_unpack(buf, dst, table)
+        out.extend(dst)
+torch.save(out, sys.argv[1])
+"""
+
+
+def test_kv_simd_paths_give_the_same_bits(tmp_path):
+    """The AVX-512, AVX2 and portable pack/unpack kernels (quantizing or not) agree bit for bit
+    (each runs in its own process: the environment picks the path at load time); the buffers are
+    large enough for the non-temporal store paths."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "kv.py"
+    script.write_text(_KV_SIMD_CHILD)
+    results = []
+    for i, env in enumerate([{}, {"DISAGG_NO_AVX512": "1"}, {"DISAGG_NO_SIMD": "1"}]):
+        path = tmp_path / f"out{i}.pt"
+        subprocess.run([sys.executable, str(script), str(path)], check=True, timeout=300,
+                       env={**os.environ, **env})
+        results.append(torch.load(path))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+def test_pack_zeroes_the_padding_before_the_scales():
+    """The bytes between the payload and the 16-byte aligned scales are written (zeros), never
+    left as whatever the buffer held."""
+    caches = make_caches(1, 4, 8, 1, 35, torch.bfloat16, seed=4)  # payload of 420 / 210 bytes
+    table = random_table(3, 8, 4, seed=4)
+    for quant, elem in (("none", 2), ("int8", 1), ("fp8_e4m3", 1)):
+        n = ops.kv_pack_nbytes(1, 3, 1, 35, torch.bfloat16, quant, 8)
+        out = torch.full((n,), 0xEE, dtype=torch.uint8)
+        ops.kv_pack_into(caches, table, 3, out, quant=quant)
+        payload_end = 64 + 2 * 3 * 35 * elem
+        scales_at = (payload_end + 15) // 16 * 16
+        assert scales_at > payload_end  # the case has padding
+        assert (out[payload_end:scales_at] == 0).all()
+        assert torch.equal(out, ref.kv_pack(caches, table, 3, quant=quant))
+
+
 def test_fp8_saturation_and_nan_codes_match_torch():
     """x * (448/amax) can only exceed 448 by rounding; the kernel's conversion must still agree
     with torch near and above the top of the range (checked through the reference path)."""

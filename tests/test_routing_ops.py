@@ -136,6 +136,26 @@ def test_nan_and_inf_rows():
     assert_route_equal(sig, ref.route(logits, 2, scoring="sigmoid"))
 
 
+@pytest.mark.parametrize("E", [1, 5, 16, 17, 33, 64, 100, 128, 129, 255, 256, 257])
+def test_route_ties_and_specials_every_width(E):
+    """Rows drawn from a few values (+-0, +-inf, NaN, repeats) at every block width of the
+    vectorized top-k (16 experts per block, up to 256) and just past it: ids equal the
+    reference exactly (ties to the lower index, NaN as -inf, -0 tied with +0)."""
+    g = torch.Generator().manual_seed(E)
+    inf, nan = float("inf"), float("nan")
+    choices = torch.tensor([-inf, -1.0, -0.0, 0.0, 0.5, 1.0, 1.0, 2.0, inf, nan])
+    pick = torch.randint(0, len(choices), (96, E), generator=g)
+    # a third of the rows without inf/NaN, so most rows keep finite weights
+    pick[::3] = torch.randint(1, 8, (32, E), generator=g)
+    for dtype in FLOATS:
+        x = choices[pick].to(dtype)
+        for k in sorted({1, min(E, 2), min(E, 8), min(E, 16)}):
+            assert_route_equal(ops.route(x, k), ref.route(x, k))
+        kc = min(E, 8)
+        assert_route_equal(ops.route(x, kc, capacity_factor=1.0),
+                           ref.route(x, kc, capacity_factor=1.0))
+
+
 def test_bias_changes_choice_not_weight():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
     bias = torch.tensor([0.0, 0.0, 0.0, 10.0])
@@ -189,6 +209,66 @@ def test_permute_combine_match_reference(T, E, k, H, dtype):
             exp = ref.moe_combine(y, lay.dest, r.weights, out_dtype=od)
             tol = dict(rtol=1e-5, atol=1e-5) if out.dtype == torch.float32 else {}
             torch.testing.assert_close(out, exp, **tol)
+            # caller-owned output, poisoned: every element written, same bits as moe_combine
+            buf = torch.full((T, H), float("nan"), dtype=od or dtype)
+            assert ops.moe_combine_into(y, lay.dest, r.weights, buf) is buf
+            assert torch.equal(buf, out)
+            want = ref.moe_combine_into(y, lay.dest, r.weights, torch.empty_like(buf))
+            torch.testing.assert_close(buf, want, **tol)
+
+
+_SIMD_CHILD = """
+import sys, torch, disagg
+from disagg import ops
+out = []
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    for T, E, k, H in [(97, 8, 2, 1024), (40, 60, 6, 77), (33, 16, 4, 4096)]:
+        g = torch.Generator().manual_seed(T * H)
+        x = (torch.randn(T, H, generator=g) * 3).to(dtype)
+        r = ops.route(torch.randn(T, E, generator=g), k, capacity_factor=1.0)
+        lay = ops.moe_layout(r.ids, E)
+        y = ops.moe_permute(x, lay.src, k)
+        for od in (None, torch.float32):
+            out.append(ops.moe_combine(y, lay.dest, r.weights, out_dtype=od))
+torch.save(out, sys.argv[1])
+"""
+
+
+def test_combine_simd_paths_give_the_same_bits(tmp_path):
+    """The AVX-512, AVX2 and portable combine kernels agree bit for bit (the environment picks the
+    path at load time, so each runs in its own process); large shapes cover the non-temporal
+    stores and prefetch, odd H the masked tails."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "combine.py"
+    script.write_text(_SIMD_CHILD)
+    results = []
+    for i, env in enumerate([{}, {"DISAGG_NO_AVX512": "1"}, {"DISAGG_NO_SIMD": "1"}]):
+        path = tmp_path / f"out{i}.pt"
+        subprocess.run([sys.executable, str(script), str(path)], check=True, timeout=300,
+                       env={**os.environ, **env})
+        results.append(torch.load(path))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            view = torch.int32 if a.dtype == torch.float32 else torch.int16
+            assert torch.equal(a.view(view), b.view(view))
+
+
+def test_combine_large_output_streams():
+    """An output of more than 4 MiB takes the non-temporal store path; a second call into the
+    same (now warm) buffer gives the same result."""
+    T, E, k, H = 600, 16, 2, 4096  # 600 x 4096 fp32 = 9.4 MiB
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(T, H, generator=g)
+    r = ops.route(torch.randn(T, E, generator=g), k)
+    lay = ops.moe_layout(r.ids, E)
+    y = ops.moe_permute(x, lay.src, k)
+    out = ops.moe_combine(y, lay.dest, r.weights)
+    torch.testing.assert_close(out, ref.moe_combine(y, lay.dest, r.weights), rtol=1e-5, atol=1e-5)
+    buf = torch.full_like(out, float("nan"))
+    assert torch.equal(ops.moe_combine_into(y, lay.dest, r.weights, buf), out)
 
 
 def test_dispatch_identity_roundtrip_scales_by_weights():
@@ -242,10 +322,13 @@ def _sample_calls():
         (torch.ops.disagg.moe_permute_into.default, (x, lay.src, 2, torch.empty(66, 24))),
         (torch.ops.disagg.moe_combine.default, (y, lay.dest, r.weights, None)),
         (torch.ops.disagg.moe_combine.default, (y.half(), lay.dest, r.weights, torch.float32)),
+        (torch.ops.disagg.moe_combine_into.default, (y, lay.dest, r.weights, torch.empty(33, 24))),
+        (torch.ops.disagg.moe_combine_into.default,
+         (y.bfloat16(), lay.dest, r.weights, torch.empty(33, 24))),
     ]
 
 
-@pytest.mark.parametrize("i", range(8))
+@pytest.mark.parametrize("i", range(10))
 def test_opcheck(i):
     op, args = _sample_calls()[i]
     torch.library.opcheck(op, args)
@@ -263,6 +346,22 @@ def test_torch_compile_fullgraph():
     x, gate = torch.randn(16, 32), torch.randn(32, E)
     compiled = torch.compile(moe, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x, gate), moe(x, gate))
+
+
+def test_torch_compile_fullgraph_into_buffers():
+    E, k = 8, 2
+
+    def moe(x, gate, ybuf, out):
+        r = ops.route(x @ gate, k)
+        lay = ops.moe_layout(r.ids, E)
+        ops.moe_permute_into(x, lay.src, k, ybuf)
+        ops.moe_combine_into(ybuf * 2.0, lay.dest, r.weights, out)
+        return out + 1.0
+
+    x, gate = torch.randn(16, 32), torch.randn(32, E)
+    bufs = lambda: (torch.empty(16 * k, 32), torch.empty(16, 32))  # noqa: E731
+    compiled = torch.compile(moe, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, gate, *bufs()), moe(x, gate, *bufs()))
 
 
 # ---- bad input ---------------------------------------------------------------------------------
@@ -306,6 +405,20 @@ def test_torch_compile_fullgraph():
                              torch.ones(1, 2)), "dest must have"),
     (lambda: ops.moe_combine(torch.randn(4, 8), torch.tensor([0, 1], dtype=torch.int32),
                              torch.ones(1, 2).half()), "weights must be"),
+    (lambda: ops.moe_combine_into(torch.randn(4, 8), torch.tensor([0, 1], dtype=torch.int32),
+                                  torch.ones(1, 2), torch.empty(2, 8)), "out must be \\[T=1"),
+    (lambda: ops.moe_combine_into(torch.randn(4, 8).half(), torch.tensor([0, 1], dtype=torch.int32),
+                                  torch.ones(1, 2), torch.empty(1, 8).bfloat16()),
+     "out must be float32 or y's dtype"),
+    (lambda: ops.moe_combine_into(torch.randn(4, 8), torch.tensor([0, 1], dtype=torch.int32),
+                                  torch.ones(2, 1), torch.empty(8, 2).t()), "out must be contiguous"),
+    (lambda: ops.moe_combine_into(torch.randn(4, 8), torch.tensor([0, 9], dtype=torch.int32),
+                                  torch.ones(1, 2), torch.empty(1, 8)), "dest entries"),
+    (lambda: ops.moe_combine_into(torch.randn(4, 8), torch.tensor([0], dtype=torch.int32),
+                                  torch.ones(1, 2), torch.empty(1, 8)), "dest must have"),
+    (lambda: (lambda y: ops.moe_combine_into(y, torch.tensor([0, 1], dtype=torch.int32),
+                                             torch.ones(1, 2), y[:1]))(torch.randn(4, 8)),
+     "out must not overlap y"),
 ])
 def test_bad_input_names_argument(call, match):
     with pytest.raises((RuntimeError, ValueError), match=match):

@@ -8,6 +8,7 @@
 
 #include "checks.h"
 #include "disagg/kv.h"
+#include "fresh_output.h"
 #include "kv_checks.h"
 
 namespace disagg {
@@ -72,7 +73,7 @@ at::Tensor kv_pack_cpu_op(at::TensorList caches, const at::Tensor& block_table, 
   const char* op = "kv_pack";
   PackPlan pl = plan_pack(caches, block_table, num_tokens, layer_start, layer_end, head_start,
                           head_end, quant, layout, op);
-  at::Tensor out = at::empty({pl.hdr.total_bytes}, caches[0].options().dtype(at::kByte));
+  at::Tensor out = empty_output({pl.hdr.total_bytes}, caches[0].options().dtype(at::kByte));
   run_pack(caches, pl, out.data_ptr<uint8_t>(), pl.hdr.total_bytes, op);
   return out;
 }

@@ -5,8 +5,11 @@
 #include <string>
 #include <tuple>
 
+#include <ATen/MemoryOverlap.h>
+
 #include "checks.h"
 #include "disagg/routing.h"
+#include "fresh_output.h"
 #include "route_params.h"
 
 namespace disagg {
@@ -174,6 +177,33 @@ void check_permute_args(const at::Tensor& x, const at::Tensor& src, int64_t top_
   check_same_device(x, out, op, "out");
 }
 
+void check_combine_args(const at::Tensor& y, const at::Tensor& dest, const at::Tensor& weights,
+                        const char* op) {
+  check_dim(y, 2, op, "y", "[rows, H]");
+  check_float(y, op, "y");
+  check_dim(weights, 2, op, "weights", "[T, k]");
+  check_dtype(weights, at::kFloat, op, "weights");
+  check_dtype(dest, at::kInt, op, "dest");
+  DISAGG_CHECK_VALUE(dest.numel() == weights.numel(), op, "dest must have T*k=", weights.numel(),
+                     " entries, got ", dest.numel());
+  check_same_device(y, dest, op, "dest");
+  check_same_device(y, weights, op, "weights");
+}
+
+void check_combine_out(const at::Tensor& y, const at::Tensor& weights, const at::Tensor& out,
+                       const char* op) {
+  const int64_t T = weights.size(0), H = y.size(1);
+  DISAGG_CHECK_VALUE(out.dim() == 2 && out.size(0) == T && out.size(1) == H, op,
+                     "out must be [T=", T, ", H=", H, "], got ", out.sizes());
+  DISAGG_CHECK_VALUE(out.scalar_type() == at::kFloat || out.scalar_type() == y.scalar_type(), op,
+                     "out must be float32 or y's dtype ", y.scalar_type(), ", got ",
+                     out.scalar_type());
+  check_contiguous(out, op, "out");
+  check_same_device(y, out, op, "out");
+  DISAGG_CHECK_VALUE(at::get_overlap_status(out, y) == at::MemOverlapStatus::No, op,
+                     "out must not overlap y (the rows are read while out is written)");
+}
+
 namespace {
 
 void moe_permute_into_cpu_op(const at::Tensor& x, const at::Tensor& src, int64_t top_k,
@@ -193,30 +223,19 @@ void moe_permute_into_cpu_op(const at::Tensor& x, const at::Tensor& src, int64_t
 at::Tensor moe_permute_cpu_op(const at::Tensor& x, const at::Tensor& src, int64_t top_k) {
   check_dim(x, 2, "moe_permute", "x", "[T, H]");
   check_dim(src, 1, "moe_permute", "src", "[rows]");
-  at::Tensor out = at::empty({src.size(0), x.size(1)}, x.options());
+  at::Tensor out = empty_output({src.size(0), x.size(1)}, x.options());
   moe_permute_into_cpu_op(x, src, top_k, out);
   return out;
 }
 
-at::Tensor moe_combine_cpu_op(const at::Tensor& y, const at::Tensor& dest, const at::Tensor& weights,
-                              c10::optional<at::ScalarType> out_dtype) {
-  const char* op = "moe_combine";
-  check_dim(y, 2, op, "y", "[rows, H]");
-  check_float(y, op, "y");
-  check_dim(weights, 2, op, "weights", "[T, k]");
-  check_dtype(weights, at::kFloat, op, "weights");
-  check_dtype(dest, at::kInt, op, "dest");
-  DISAGG_CHECK_VALUE(dest.numel() == weights.numel(), op, "dest must have T*k=", weights.numel(),
-                     " entries, got ", dest.numel());
-  const at::ScalarType od = out_dtype.value_or(y.scalar_type());
-  DISAGG_CHECK_VALUE(od == at::kFloat || od == y.scalar_type(), op,
-                     "out_dtype must be float32 or y's dtype, got ", od);
+void run_combine(const at::Tensor& y, const at::Tensor& dest, const at::Tensor& weights,
+                 at::Tensor& out, const char* op) {
   at::Tensor y_c = y.contiguous(), dest_c = dest.contiguous(), w_c = weights.contiguous();
   const int64_t T = weights.size(0), k = weights.size(1), H = y.size(1);
-  at::Tensor out = at::empty({T, H}, y.options().dtype(od));
+  const bool f32_out = out.scalar_type() == at::kFloat;
   Status s = DISAGG_DISPATCH_FLOAT(y.scalar_type(), op, [&] {
     const auto* yp = reinterpret_cast<const scalar_t*>(y_c.data_ptr());
-    if (od == at::kFloat)
+    if (f32_out)
       return moe_combine_cpu<scalar_t, float, float>(yp, y.size(0), H, dest_c.data_ptr<int32_t>(),
                                                      w_c.data_ptr<float>(), T, k,
                                                      out.data_ptr<float>());
@@ -225,7 +244,26 @@ at::Tensor moe_combine_cpu_op(const at::Tensor& y, const at::Tensor& dest, const
                                                       reinterpret_cast<scalar_t*>(out.data_ptr()));
   });
   check_status(s, op, "dest entries must be in [-1, rows)");
+}
+
+at::Tensor moe_combine_cpu_op(const at::Tensor& y, const at::Tensor& dest, const at::Tensor& weights,
+                              c10::optional<at::ScalarType> out_dtype) {
+  const char* op = "moe_combine";
+  check_combine_args(y, dest, weights, op);
+  const at::ScalarType od = out_dtype.value_or(y.scalar_type());
+  DISAGG_CHECK_VALUE(od == at::kFloat || od == y.scalar_type(), op,
+                     "out_dtype must be float32 or y's dtype, got ", od);
+  at::Tensor out = empty_output({weights.size(0), y.size(1)}, y.options().dtype(od));
+  run_combine(y, dest, weights, out, op);
   return out;
+}
+
+void moe_combine_into_cpu_op(const at::Tensor& y, const at::Tensor& dest, const at::Tensor& weights,
+                             at::Tensor& out) {
+  const char* op = "moe_combine_into";
+  check_combine_args(y, dest, weights, op);
+  check_combine_out(y, weights, out, op);
+  run_combine(y, dest, weights, out, op);
 }
 
 }  // namespace
@@ -236,6 +274,7 @@ TORCH_LIBRARY_IMPL(disagg, CPU, m) {
   m.impl("moe_permute", &moe_permute_cpu_op);
   m.impl("moe_permute_into", &moe_permute_into_cpu_op);
   m.impl("moe_combine", &moe_combine_cpu_op);
+  m.impl("moe_combine_into", &moe_combine_into_cpu_op);
 }
 
 }  // namespace disagg

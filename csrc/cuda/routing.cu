@@ -141,30 +141,16 @@ at::Tensor moe_permute_cuda_op(const at::Tensor& x, const at::Tensor& src, int64
   return out;
 }
 
-at::Tensor moe_combine_cuda_op(const at::Tensor& y, const at::Tensor& dest,
-                               const at::Tensor& weights, c10::optional<at::ScalarType> out_dtype) {
-  const char* op = "moe_combine";
-  check_dim(y, 2, op, "y", "[rows, H]");
-  check_float(y, op, "y");
-  check_on_cuda(y, op, "y");
-  check_dim(weights, 2, op, "weights", "[T, k]");
-  check_dtype(weights, at::kFloat, op, "weights");
-  check_dtype(dest, at::kInt, op, "dest");
-  check_same_device(y, dest, op, "dest");
-  check_same_device(y, weights, op, "weights");
-  DISAGG_CHECK_VALUE(dest.numel() == weights.numel(), op, "dest must have T*k=", weights.numel(),
-                     " entries, got ", dest.numel());
-  const at::ScalarType od = out_dtype.value_or(y.scalar_type());
-  DISAGG_CHECK_VALUE(od == at::kFloat || od == y.scalar_type(), op,
-                     "out_dtype must be float32 or y's dtype, got ", od);
+void run_combine_cuda(const at::Tensor& y, const at::Tensor& dest, const at::Tensor& weights,
+                      at::Tensor& out, const char* op) {
   c10::cuda::CUDAGuard guard(y.device());
   at::Tensor y_c = y.contiguous(), dest_c = dest.contiguous(), w_c = weights.contiguous();
   const int64_t T = weights.size(0), k = weights.size(1), H = y.size(1);
-  at::Tensor out = at::empty({T, H}, y.options().dtype(od));
+  const bool f32_out = out.scalar_type() == at::kFloat;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const cudaError_t err = DISAGG_DISPATCH_FLOAT(y.scalar_type(), op, [&] {
     const auto* yp = reinterpret_cast<const scalar_t*>(y_c.data_ptr());
-    if (od == at::kFloat)
+    if (f32_out)
       return cuda::moe_combine<scalar_t, float>(yp, y.size(0), H, dest_c.data_ptr<int32_t>(),
                                                 w_c.data_ptr<float>(), T, k,
                                                 out.data_ptr<float>(), stream);
@@ -174,7 +160,28 @@ at::Tensor moe_combine_cuda_op(const at::Tensor& y, const at::Tensor& dest,
                                                  stream);
   });
   check_cuda(err, op);
+}
+
+at::Tensor moe_combine_cuda_op(const at::Tensor& y, const at::Tensor& dest,
+                               const at::Tensor& weights, c10::optional<at::ScalarType> out_dtype) {
+  const char* op = "moe_combine";
+  check_combine_args(y, dest, weights, op);
+  check_on_cuda(y, op, "y");
+  const at::ScalarType od = out_dtype.value_or(y.scalar_type());
+  DISAGG_CHECK_VALUE(od == at::kFloat || od == y.scalar_type(), op,
+                     "out_dtype must be float32 or y's dtype, got ", od);
+  at::Tensor out = at::empty({weights.size(0), y.size(1)}, y.options().dtype(od));
+  run_combine_cuda(y, dest, weights, out, op);
   return out;
+}
+
+void moe_combine_into_cuda_op(const at::Tensor& y, const at::Tensor& dest,
+                              const at::Tensor& weights, at::Tensor& out) {
+  const char* op = "moe_combine_into";
+  check_combine_args(y, dest, weights, op);
+  check_on_cuda(y, op, "y");
+  check_combine_out(y, weights, out, op);
+  run_combine_cuda(y, dest, weights, out, op);
 }
 
 }  // namespace
@@ -185,6 +192,7 @@ TORCH_LIBRARY_IMPL(disagg, CUDA, m) {
   m.impl("moe_permute", &moe_permute_cuda_op);
   m.impl("moe_permute_into", &moe_permute_into_cuda_op);
   m.impl("moe_combine", &moe_combine_cuda_op);
+  m.impl("moe_combine_into", &moe_combine_into_cuda_op);
 }
 
 }  // namespace disagg

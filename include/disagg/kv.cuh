@@ -99,7 +99,7 @@ __device__ __forceinline__ float round_half_even(float x) {
   return __fsub_rn(__fadd_rn(x, 12582912.0f), 12582912.0f);
 }
 
-// kv.h's fp8e4m3_from_float (torch's float8_e4m3fn rounding, its NaN and saturation edges).
+// kv.h's fp8e4m3_from_float (torch's float8_e4m3fn rounding, saturation to +-448, NaN code).
 __device__ __forceinline__ uint8_t fp8e4m3_from_float(float f) {
   const uint32_t u = __float_as_uint(f);
   const uint32_t sign = (u >> 24) & 0x80u;
@@ -110,7 +110,8 @@ __device__ __forceinline__ uint8_t fp8e4m3_from_float(float f) {
   const int32_t nrm =
       static_cast<int32_t>(((ua + 0x7ffffu + ((ua >> 20) & 1u)) >> 20) - ((127u - 7u) << 3));
   int32_t r = a < 0x3c800000 ? sub : nrm;
-  r = a >= 0x43f00000 ? 0x7f : r;
+  r = a > 0x43e00000 ? 0x7e : r;  // beyond 448.0f, inf included: saturate (as torch 2.13)
+  r = a > 0x7f800000 ? 0x7f : r;  // NaN
   return static_cast<uint8_t>(static_cast<uint32_t>(r) | sign);
 }
 

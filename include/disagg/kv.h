@@ -12,6 +12,8 @@
 #include <vector>
 
 #include "disagg/common.h"
+#include "disagg/cpu_features.h"
+#include "disagg/kv_avx2.h"
 #include "disagg/kv_format.h"
 
 // The conversions below select between values computed on both paths; GCC only turns such
@@ -93,8 +95,8 @@ inline float from_abs_bits(uint32_t b, bf16_t*) { return load(bf16_t{static_cast
 inline float from_abs_bits(uint32_t b, f16_t*) { return load(f16_t{static_cast<uint16_t>(b)}); }
 
 // float -> fp8 e4m3fn (bias 7, no infinities, 0x7f/0xff = NaN, max 448), rounding to nearest
-// even like torch's float8_e4m3fn cast, including its edge cases: |x| >= 480, inf and NaN give
-// NaN, and (448, 464] rounds down to 448 while (464, 480) rounds up into the NaN code.
+// even like torch's float8_e4m3fn cast (torch 2.13), including its edge cases: it saturates,
+// so every |x| > 448 and +-inf give +-448 (0x7e/0xfe), and NaN gives the NaN code with its sign.
 inline uint8_t fp8e4m3_from_float(float f) {
   const uint32_t u = f2u(f);
   const uint32_t sign = (u >> 24) & 0x80u;
@@ -109,7 +111,8 @@ inline uint8_t fp8e4m3_from_float(float f) {
   const uint32_t ua = static_cast<uint32_t>(a);  // unsigned: the rounding add may pass 2^31
   const int32_t nrm = static_cast<int32_t>(((ua + 0x7ffffu + ((ua >> 20) & 1u)) >> 20) - ((127u - 7u) << 3));
   int32_t r = a < 0x3c800000 ? sub : nrm;
-  r = a >= 0x43f00000 ? 0x7f : r;  // 480.0f and beyond (inf, NaN)
+  r = a > 0x43e00000 ? 0x7e : r;  // beyond 448.0f, inf included: saturate
+  r = a > 0x7f800000 ? 0x7f : r;  // NaN
   return static_cast<uint8_t>(static_cast<uint32_t>(r) | sign);
 }
 
@@ -190,6 +193,11 @@ DISAGG_KV_ROW bool quantize_group(Quant q, const T* src, int64_t src_stride, uin
   return true;
 }
 
+// Buffers of this size and more are written with non-temporal stores where the kernels can:
+// the receiver reads them from memory anyway, and they would only evict the cache rows still to
+// be read.
+constexpr int64_t kStreamBytes = int64_t(4) << 20;
+
 // One token of a quantized payload (Hc rows of D bytes, contiguous) into the destination (rows
 // `dst_head_stride` apart), head h scaled by scales[h].
 template <typename T>
@@ -227,6 +235,11 @@ Status pack_cpu(const T* const* layers, const Idx* table, int64_t table_len, con
   if (p.head_start < 0 || p.head_start + Hc > g.num_heads) return Status::kInvalidArgument;
   std::memcpy(out, &hdr, sizeof(hdr));
   const int64_t nblk = ceil_div(p.num_tokens, bs);
+  // the bytes between the payload and the 16-byte aligned scales are part of the buffer too:
+  // zero them rather than send whatever the allocation held
+  const int64_t payload_end = hdr.payload_offset + p.num_layers * 2 * p.num_tokens * Hc * D * hdr.elem_bytes;
+  std::memset(out + payload_end, 0, static_cast<size_t>(hdr.scales_offset - payload_end));
+  const bool stream = hdr.total_bytes >= kStreamBytes;
   const int64_t items = p.num_layers * 2 * nblk;
   const int64_t row = Hc * D;  // payload elements per token
   uint8_t* payload = out + hdr.payload_offset;
@@ -235,7 +248,17 @@ Status pack_cpu(const T* const* layers, const Idx* table, int64_t table_len, con
   const bool heads_contig = g.stride_head == D;
   // a whole block is one contiguous run when, in addition, all heads are taken
   const bool block_contig = heads_contig && Hc == g.num_heads && g.stride_token == g.num_heads * D;
-#pragma omp parallel for schedule(static) if (items * bs * row * static_cast<int64_t>(sizeof(T)) > kParallelBytes)
+#if DISAGG_X86_SIMD
+  const bool simd_quant = p.quant != Quant::kNone && D % 32 == 0 && cpu::use_avx2();
+  const bool wide = simd_quant && cpu::use_avx512();
+  const bool stream_plain = stream && cpu::use_avx2();
+#endif
+#pragma omp parallel if (items * bs * row * static_cast<int64_t>(sizeof(T)) > kParallelBytes)
+  {
+  std::vector<uint32_t> mx(static_cast<size_t>(Hc)), lanes(static_cast<size_t>(Hc) * 8);
+  std::vector<float> inv(static_cast<size_t>(Hc));
+  std::vector<char> skip(static_cast<size_t>(Hc));
+#pragma omp for schedule(static)
   for (int64_t it = 0; it < items; ++it) {
     const int64_t l = it / (2 * nblk), c = (it / nblk) % 2, j = it % nblk;
     const T* base = layers[l] + cache_offset(g, static_cast<int64_t>(table[j]), c, 0, p.head_start);
@@ -243,6 +266,17 @@ Status pack_cpu(const T* const* layers, const Idx* table, int64_t table_len, con
     const int64_t first = ((l * 2 + c) * p.num_tokens + t0) * row;  // payload element index
     if (p.quant == Quant::kNone) {
       T* dst = reinterpret_cast<T*>(payload) + first;
+#if DISAGG_X86_SIMD
+      if (block_contig && stream_plain) {
+        const T* next = nullptr;
+        if (it + 1 < items) {
+          const int64_t l1 = (it + 1) / (2 * nblk), c1 = ((it + 1) / nblk) % 2, j1 = (it + 1) % nblk;
+          next = layers[l1] + cache_offset(g, static_cast<int64_t>(table[j1]), c1, 0, p.head_start);
+        }
+        avx2::stream_copy(dst, base, nt * row * static_cast<int64_t>(sizeof(T)), next);
+        continue;
+      }
+#endif
       if (block_contig) {
         std::memcpy(dst, base, static_cast<size_t>(nt * row) * sizeof(T));
       } else if (heads_contig) {
@@ -259,8 +293,36 @@ Status pack_cpu(const T* const* layers, const Idx* table, int64_t table_len, con
     // Quantized: one scale per (block, head) from the block's absolute maximum.
     uint8_t* dst = payload + first;
     float* sc = scales + ((l * 2 + c) * nblk + j) * Hc;
+#if DISAGG_X86_SIMD
+    if (simd_quant) {  // two passes over the item in memory order; the second reads from L1/L2
+      const T* next = nullptr;
+      if (it + 1 < items) {
+        const int64_t l1 = (it + 1) / (2 * nblk), c1 = ((it + 1) / nblk) % 2, j1 = (it + 1) % nblk;
+        next = layers[l1] + cache_offset(g, static_cast<int64_t>(table[j1]), c1, 0, p.head_start);
+      }
+      avx2::block_abs_bits(base, g.stride_token, g.stride_head, nt, Hc, D, mx.data(), lanes.data());
+      for (int64_t h = 0; h < Hc; ++h) {
+        skip[h] = mx[h] >= AbsBits<T>::kInf;
+        const QuantParams qp = quant_params(p.quant, from_abs_bits(mx[h], static_cast<T*>(nullptr)));
+        sc[h] = skip[h] ? std::numeric_limits<float>::quiet_NaN() : qp.scale;
+        inv[h] = qp.inv;
+      }
+      if (wide) {
+        avx2::quantize_block512(p.quant == Quant::kInt8, base, g.stride_token, g.stride_head, nt, Hc,
+                                D, inv.data(), skip.data(), dst, row, stream, next);
+      } else {
+        avx2::quantize_block(p.quant == Quant::kInt8, base, g.stride_token, g.stride_head, nt, Hc, D,
+                             inv.data(), skip.data(), dst, row, stream, next);
+      }
+      continue;
+    }
+#endif
     for (int64_t h = 0; h < Hc; ++h)
       quantize_group(p.quant, base + h * g.stride_head, g.stride_token, dst + h * D, row, nt, D, sc + h);
+  }
+#if DISAGG_X86_SIMD
+  if (stream) _mm_sfence();  // each thread orders its non-temporal stores before the op returns
+#endif
   }
   if (p.quant != Quant::kNone) {
     // non-finite values have no meaningful scale: report instead of sending garbage
@@ -296,13 +358,26 @@ Status unpack_cpu(const uint8_t* buf, const BufferHeader& hdr, T* const* layers,
   const bool heads_contig = g.stride_head == D;
   const bool block_contig = heads_contig && Hc == g.num_heads && g.stride_token == g.num_heads * D;
   const int64_t items = hdr.num_layers * 2 * nblk;
-#pragma omp parallel for schedule(static) if (items * bs * row * static_cast<int64_t>(sizeof(T)) > kParallelBytes)
+#if DISAGG_X86_SIMD
+  const bool simd_dequant = quant != Quant::kNone && D % 8 == 0 && cpu::use_avx2();
+  // the destination blocks are written once and not read back by this op
+  const bool stream_plain = items * bs * row * static_cast<int64_t>(sizeof(T)) >= kStreamBytes && cpu::use_avx2();
+#endif
+#pragma omp parallel if (items * bs * row * static_cast<int64_t>(sizeof(T)) > kParallelBytes)
+  {
+#pragma omp for schedule(static)
   for (int64_t it = 0; it < items; ++it) {
     const int64_t l = it / (2 * nblk), c = (it / nblk) % 2, j = it % nblk;
     T* base = layers[l] + cache_offset(g, static_cast<int64_t>(table[j]), c, 0, p.head_start);
     const int64_t t0 = j * bs, nt = kmin(bs, T_ - t0);
     const P* src = payload + ((l * 2 + c) * T_ + t0) * row;
     if (quant == Quant::kNone) {
+#if DISAGG_X86_SIMD
+      if (block_contig && stream_plain && std::is_same<P, T>::value) {
+        avx2::stream_copy(base, src, nt * row * static_cast<int64_t>(sizeof(T)), nullptr);
+        continue;
+      }
+#endif
       if (block_contig) {
         convert_row(src, base, nt * row);
       } else if (heads_contig) {
@@ -316,9 +391,21 @@ Status unpack_cpu(const uint8_t* buf, const BufferHeader& hdr, T* const* layers,
     }
     const float* sc = scales + (l * 2 + c) * ngroups * Hc;
     const uint8_t* q = reinterpret_cast<const uint8_t*>(src);
+#if DISAGG_X86_SIMD
+    if (simd_dequant) {
+      for (int64_t o = 0; o < nt; ++o)
+        avx2::dequantize_token(quant == Quant::kInt8, q + o * row, base + o * g.stride_token,
+                               g.stride_head, Hc, D, sc + ((t0 + o) / sgroup) * Hc);
+      continue;
+    }
+#endif
     for (int64_t o = 0; o < nt; ++o)
       dequantize_token(quant, q + o * row, base + o * g.stride_token, g.stride_head, Hc, D,
                        sc + ((t0 + o) / sgroup) * Hc);
+  }
+#if DISAGG_X86_SIMD
+  if (stream_plain) _mm_sfence();  // each thread orders its non-temporal stores
+#endif
   }
   return Status::kOk;
 }

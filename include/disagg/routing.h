@@ -6,10 +6,18 @@
 #include <cmath>
 #include <cstdint>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 #include "disagg/common.h"
+#include "disagg/cpu_features.h"
+#include "disagg/moe_combine_x86.h"
+#include "disagg/route_x86.h"
 #include "disagg/routing_params.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 namespace disagg {
 
@@ -166,48 +174,73 @@ Status route_cpu(const T* logits, const RouteParams& p, float* weights, int32_t*
   // Per-token row maximum and weight normaliser Z (weight = u / Z * scale), kept for rerouting.
   std::vector<float> row_max(static_cast<size_t>(Tn)), norm(static_cast<size_t>(Tn));
 
+  // Tokens go in groups of kGroup (the SIMD top-k interleaves up to that many rows).
+  constexpr int64_t kGroup = 4;
+  const int64_t ngroups = (Tn + kGroup - 1) / kGroup;
 #pragma omp parallel if (Tn * E > 32768)
   {
     std::vector<float> xv(E), sel(E), gscore(p.num_groups);
-    std::vector<int32_t> gorder(p.num_groups), scratch(E), idx(k);
+    std::vector<int32_t> gorder(p.num_groups), scratch(E), idx_g(kGroup * k);
     std::vector<char> keep_group(p.num_groups);
-    std::vector<float> vals(k);
+    std::vector<float> vals_g(kGroup * k);
     const bool fast = detail::ranks_by_logits(p) && k <= 16;
+#if DISAGG_X86_SIMD
+    const bool simd_topk = fast && E <= x86::kTopkMaxExperts && cpu::use_avx512();
+#endif
 #pragma omp for schedule(static)
-    for (int64_t t = 0; t < Tn; ++t) {
-      const T* row = logits + t * p.logits_row_stride;
-      float* w = weights + t * k;
-      float mx;
-      if (fast) {  // the maximum is the first choice; the row is read once
-        detail::topk_logits_row(row, E, k, vals.data(), idx.data());
-        mx = vals[0];
-      } else {
-        mx = detail::load_row(row, E, xv.data());
-        detail::selection_row(xv.data(), mx, p, sel.data(), gscore.data(), gorder.data(),
-                              keep_group.data());
-        detail::topk_row(sel.data(), E, k, idx.data(), scratch.data());
-        for (int64_t j = 0; j < k; ++j) vals[j] = xv[idx[j]];
-      }
-      float chosen = 0.0f;
-      for (int64_t j = 0; j < k; ++j) {
-        w[j] = detail::unnormalised(vals[j], mx, p.scoring);
-        chosen += w[j];
-      }
-      float z;
-      if (p.renormalize) {
-        z = chosen;
-      } else if (p.scoring == Scoring::kSoftmax) {
-        if (fast) detail::load_row(row, E, xv.data());
-        z = detail::unnormalised_sum(xv.data(), E, mx, p.scoring);
-      } else {
-        z = 1.0f;
-      }
-      if (!(z > 0.0f)) z = 1.0f;  // a row with no mass keeps zero weights
-      row_max[t] = mx;
-      norm[t] = z;
-      for (int64_t j = 0; j < k; ++j) {
-        ids[t * k + j] = idx[j];
-        w[j] = w[j] / z * p.routed_scaling_factor;
+    for (int64_t g = 0; g < ngroups; ++g) {
+      const int64_t t_end = std::min(Tn, (g + 1) * kGroup);
+      int64_t t = g * kGroup;
+      while (t < t_end) {
+        // top-k of one or more rows into vals_g / idx_g
+        int64_t done = 1;
+        float slow_mx = 0.0f;  // the row maximum on the general path
+        if (fast) {  // the maximum is the first choice; the row is read once
+#if DISAGG_X86_SIMD
+          if (simd_topk) {
+            done = x86::topk_logits_rows_avx512(logits + t * p.logits_row_stride, p.logits_row_stride,
+                                                t_end - t, E, k, vals_g.data(), idx_g.data());
+          } else {
+            detail::topk_logits_row(logits + t * p.logits_row_stride, E, k, vals_g.data(), idx_g.data());
+          }
+#else
+          detail::topk_logits_row(logits + t * p.logits_row_stride, E, k, vals_g.data(), idx_g.data());
+#endif
+        } else {
+          slow_mx = detail::load_row(logits + t * p.logits_row_stride, E, xv.data());
+          detail::selection_row(xv.data(), slow_mx, p, sel.data(), gscore.data(), gorder.data(),
+                                keep_group.data());
+          detail::topk_row(sel.data(), E, k, idx_g.data(), scratch.data());
+          for (int64_t j = 0; j < k; ++j) vals_g[j] = xv[idx_g[j]];
+        }
+        for (int64_t r = 0; r < done; ++r, ++t) {
+          const T* row = logits + t * p.logits_row_stride;
+          const float* vals = vals_g.data() + r * k;
+          const int32_t* idx = idx_g.data() + r * k;
+          float* w = weights + t * k;
+          const float mx = fast ? vals[0] : slow_mx;
+          float chosen = 0.0f;
+          for (int64_t j = 0; j < k; ++j) {
+            w[j] = detail::unnormalised(vals[j], mx, p.scoring);
+            chosen += w[j];
+          }
+          float z;
+          if (p.renormalize) {
+            z = chosen;
+          } else if (p.scoring == Scoring::kSoftmax) {
+            if (fast) detail::load_row(row, E, xv.data());
+            z = detail::unnormalised_sum(xv.data(), E, mx, p.scoring);
+          } else {
+            z = 1.0f;
+          }
+          if (!(z > 0.0f)) z = 1.0f;  // a row with no mass keeps zero weights
+          row_max[t] = mx;
+          norm[t] = z;
+          for (int64_t j = 0; j < k; ++j) {
+            ids[t * k + j] = idx[j];
+            w[j] = w[j] / z * p.routed_scaling_factor;
+          }
+        }
       }
     }
   }
@@ -370,9 +403,10 @@ Status moe_permute_cpu(const T* x, int64_t num_tokens, int64_t hidden, int64_t x
 namespace detail {
 
 // acc[h] (+)= w * x[h] over one row; the 16-bit loads are plain bit shifts so the loops vectorize.
+// The first row adds to 0.0f (as the SIMD and CUDA kernels do, so a -0 product gives +0).
 DISAGG_MULTIVERSION static void axpy_row(float* acc, const float* x, float w, int64_t n, bool first) {
   if (first) {
-    for (int64_t h = 0; h < n; ++h) acc[h] = w * x[h];
+    for (int64_t h = 0; h < n; ++h) acc[h] = 0.0f + w * x[h];
   } else {
     for (int64_t h = 0; h < n; ++h) acc[h] += w * x[h];
   }
@@ -419,6 +453,30 @@ Status moe_combine_cpu(const T* y, int64_t rows, int64_t hidden, const int32_t* 
                        const W* weights, int64_t num_tokens, int64_t top_k, O* out) {
   for (int64_t a = 0; a < num_tokens * top_k; ++a)
     if (dest[a] < -1 || dest[a] >= rows) return Status::kInvalidArgument;
+#if DISAGG_X86_SIMD
+  if constexpr (std::is_same<W, float>::value) {
+    if (cpu::use_avx2()) {
+      const bool nt = num_tokens * hidden * static_cast<int64_t>(sizeof(O)) >= x86::kCombineStreamBytes;
+      const bool wide = cpu::use_avx512();
+#pragma omp parallel if (num_tokens * hidden > 65536)
+      {
+#ifdef _OPENMP
+        const int64_t nth = omp_get_num_threads(), id = omp_get_thread_num();
+#else
+        const int64_t nth = 1, id = 0;
+#endif
+        // contiguous token ranges: each thread's prefetch runs on into its own next token
+        const int64_t t0 = num_tokens * id / nth, t1 = num_tokens * (id + 1) / nth;
+        if (wide) {
+          x86::combine_tokens_avx512(y, hidden, dest, weights, top_k, t0, t1, out, nt);
+        } else {
+          x86::combine_tokens_avx2(y, hidden, dest, weights, top_k, t0, t1, out, nt);
+        }
+      }
+      return Status::kOk;
+    }
+  }
+#endif
 #pragma omp parallel if (num_tokens * hidden > 65536)
   {
     std::vector<float> acc(static_cast<size_t>(std::min<int64_t>(hidden, 1024)));

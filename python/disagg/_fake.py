@@ -42,6 +42,11 @@ def _moe_combine_fake(y, dest, weights, out_dtype=None):
     return y.new_empty((weights.shape[0], y.shape[1]), dtype=out_dtype or y.dtype)
 
 
+@register_fake("disagg::moe_combine_into")
+def _moe_combine_into_fake(y, dest, weights, out):
+    return None
+
+
 # ---- Paged KV cache ------------------------------------------------------------------------
 
 

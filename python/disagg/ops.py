@@ -144,6 +144,15 @@ def moe_combine(
     return _ops.moe_combine(y, dest.reshape(-1), weights, out_dtype)
 
 
+def moe_combine_into(y: torch.Tensor, dest: torch.Tensor, weights: torch.Tensor,
+                     out: torch.Tensor) -> torch.Tensor:
+    """:func:`moe_combine` into a caller-owned ``out [T, H]`` (float32 or ``y``'s dtype, must not
+    overlap ``y``), so a serving loop reuses one buffer instead of allocating each step.
+    Returns ``out``."""
+    _ops.moe_combine_into(y, dest.reshape(-1), weights, out)
+    return out
+
+
 # ---- Paged KV cache ------------------------------------------------------------------------
 
 KV_QUANTS = ("none", "int8", "fp8_e4m3")

@@ -169,6 +169,12 @@ def moe_combine(y: torch.Tensor, dest: torch.Tensor, weights: torch.Tensor,
     return (rows * w.unsqueeze(-1)).sum(1).to(out_dtype or y.dtype)
 
 
+def moe_combine_into(y: torch.Tensor, dest: torch.Tensor, weights: torch.Tensor,
+                     out: torch.Tensor) -> torch.Tensor:
+    """Reference for ``disagg.ops.moe_combine_into``: :func:`moe_combine` copied into ``out``."""
+    return out.copy_(moe_combine(y, dest, weights, out_dtype=out.dtype))
+
+
 # ---- Paged KV cache ------------------------------------------------------------------------
 
 _KV_QMAX = {"int8": 127.0, "fp8_e4m3": 448.0}

@@ -184,6 +184,9 @@ def test_permute_combine_match_cpu(T, E, k, H, dtype):
             torch.testing.assert_close(out.cpu(), ref.moe_combine(y, lay.dest, r.weights, od),
                                        **(dict(rtol=1e-5, atol=1e-5) if out.dtype == torch.float32
                                           else {}))
+            buf = torch.full(out.shape, float("nan"), dtype=out.dtype, device=DEV)
+            ops.moe_combine_into(y.to(DEV), lay.dest.to(DEV), r.weights.to(DEV), buf)
+            assert torch.equal(buf.cpu(), cpu)
 
 
 def test_permute_unaligned_rows():
@@ -228,10 +231,12 @@ def _sample_calls():
         (torch.ops.disagg.moe_permute.default, (x, lay.src, 2)),
         (torch.ops.disagg.moe_combine.default, (y, lay.dest, r.weights, None)),
         (torch.ops.disagg.moe_combine.default, (y.half(), lay.dest, r.weights, torch.float32)),
+        (torch.ops.disagg.moe_combine_into.default,
+         (y, lay.dest, r.weights, torch.empty(33, 24, device=DEV))),
     ]
 
 
-@pytest.mark.parametrize("i", range(7))
+@pytest.mark.parametrize("i", range(8))
 def test_opcheck_cuda(i):
     op, args = _sample_calls()[i]
     torch.library.opcheck(op, args)
@@ -246,6 +251,13 @@ def test_opcheck_cuda(i):
     (lambda: ops.moe_combine(torch.randn(4, 8, device=DEV),
                              torch.tensor([0], dtype=torch.int32, device=DEV),
                              torch.ones(1, 2, device=DEV)), "dest must have"),
+    (lambda: ops.moe_combine_into(torch.randn(4, 8, device=DEV),
+                                  torch.tensor([0, 1], dtype=torch.int32, device=DEV),
+                                  torch.ones(1, 2, device=DEV), torch.empty(1, 8)), "out must be on"),
+    (lambda: ops.moe_combine_into(torch.randn(4, 8, device=DEV),
+                                  torch.tensor([0, 1], dtype=torch.int32, device=DEV),
+                                  torch.ones(1, 2, device=DEV), torch.empty(2, 8, device=DEV)),
+     "out must be \\[T=1"),
 ])
 def test_bad_input_names_argument_cuda(call, match):
     with pytest.raises((RuntimeError, ValueError), match=match):

@@ -92,14 +92,17 @@ def row(*, op: str, device: torch.device, shape: dict, dtype, median_s: float,
 
 
 def format_table(rows: list[dict]) -> str:
-    head = f"{'op':<22} {'shape':<38} {'dtype':<9} {'median':>10} {'GB/s':>8} {'vs copy':>8} {'speedup':>8}  baseline"
+    head = (f"{'op':<22} {'shape':<38} {'dtype':<9} {'median':>10} {'GB/s':>8} {'vs copy_':>8} "
+            f"{'vs clone':>8} {'speedup':>8}  baseline")
     out = [head, "-" * len(head)]
     for r in rows:
         shape = ",".join(f"{k}={v}" for k, v in r["shape"].items())
         gbs = f"{r['bytes_per_s'] / 1e9:.2f}" if r.get("bytes_per_s") else "-"
         cr = f"{r['copy_ratio']:.2f}x" if r.get("copy_ratio") else "-"
+        # ops that allocate their output also show the ratio to a copy into a fresh tensor
+        fr = f"{r['fresh_buffer_copy_ratio']:.2f}x" if r.get("fresh_buffer_copy_ratio") else "-"
         out.append(
             f"{r['op']:<22} {shape:<38.38} {r['dtype']:<9} {r['median_s'] * 1e6:>8.1f}us {gbs:>8} "
-            f"{cr:>8} {r['speedup']:>7.2f}x  {r['baseline']}"
+            f"{cr:>8} {fr:>8} {r['speedup']:>7.2f}x  {r['baseline']}"
         )
     return "\n".join(out)

@@ -1,4 +1,10 @@
-"""Routing ops (route, moe_permute, moe_combine) against the PyTorch an engine would write."""
+"""Routing ops (route, moe_permute, moe_combine) against the PyTorch an engine would write.
+
+Two yardsticks for the memory-bound ops, both measured in the same run on the same number of
+bytes: ``vs copy_`` is a copy between two preallocated buffers (the bandwidth roofline; the fair
+comparison for the ``_into`` ops, which write a caller-owned buffer) and ``vs clone`` a copy into
+a newly allocated tensor (what any op returning a new tensor pays in page faults).
+"""
 from __future__ import annotations
 
 import torch
@@ -111,11 +117,31 @@ def _permute_rows(args, device, dtype):
         def composite_combine():
             return (y[d].float() * r.weights.unsqueeze(-1)).sum(1).to(y.dtype)
 
+        t_fresh = copy_time(nbytes, device, args.min_run_time, fresh=True)
         t_op = median_time(lambda: ops.moe_combine(y, dest, r.weights), device, args.min_run_time)
         t_base = median_time(composite_combine, device, args.min_run_time)
         rows.append(row(op="moe_combine", device=device, shape=dict(T=T, k=k, H=H), dtype=dtype,
                         median_s=t_op, nbytes=nbytes, copy_s=t_copy,
+                        fresh_buffer_copy_ratio=t_fresh / t_op,
                         baseline="(y[dest].float() * w).sum(1)", baseline_median_s=t_base))
+
+        cbuf = torch.empty(T, H, dtype=dtype, device=device)
+        if args.check:
+            ops.moe_combine_into(y, dest, r.weights, cbuf)
+            assert torch.equal(cbuf, ops.moe_combine(y, dest, r.weights))
+        dw = r.weights.unsqueeze(-1).to(dtype)
+
+        def composite_combine_into():
+            # the buffer-reusing composite: gather into the kept buffer, weighted sum in y's dtype
+            return torch.sum(y[d] * dw, dim=1, out=cbuf)
+
+        t_into = median_time(lambda: ops.moe_combine_into(y, dest, r.weights, cbuf), device,
+                             args.min_run_time)
+        rows.append(row(op="moe_combine_into", device=device, shape=dict(T=T, k=k, H=H),
+                        dtype=dtype, median_s=t_into, nbytes=nbytes, copy_s=t_copy,
+                        baseline="torch.sum(y[dest] * w, 1, out=buf)",
+                        baseline_median_s=median_time(composite_combine_into, device,
+                                                      args.min_run_time)))
     return rows
 
 
