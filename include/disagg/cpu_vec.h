@@ -9,6 +9,7 @@
 #include <cstdlib>
 
 #include "disagg/common.h"
+#include "disagg/cpu_features.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define DISAGG_HAVE_AVX512_PATH 1
@@ -21,14 +22,11 @@
 
 namespace disagg {
 
-// True where the AVX-512 paths may run (F, BW, VL, DQ); checked once. Setting the environment
-// variable DISAGG_NO_AVX512 (before the first call) selects the portable paths, as on a CPU
-// without AVX-512 (the tests use it to check them).
+// True where the AVX-512 paths may run (F, BW, VL, DQ): cpu::use_avx512() (which also honours
+// DISAGG_NO_AVX512 and DISAGG_NO_SIMD, see cpu_features.h) plus DQ; checked once.
 inline bool cpu_has_avx512() {
 #if DISAGG_HAVE_AVX512_PATH
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-                         std::getenv("DISAGG_NO_AVX512") == nullptr;
+  static const bool ok = cpu::use_avx512() && __builtin_cpu_supports("avx512dq");
   return ok;
 #else
   return false;

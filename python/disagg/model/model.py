@@ -17,10 +17,11 @@ from .config import ModelConfig
 from .loader import WeightStore
 from .rope import RotaryEmbedding, apply_rope
 
-# The library's CPU kernels take their AVX-512 paths where torch does (and DISAGG_NO_AVX512
-# is unset, see include/disagg/cpu_vec.h).
+# The library's CPU kernels take their AVX-512 paths where torch does, unless DISAGG_NO_AVX512
+# or DISAGG_NO_SIMD is set to something other than "" or "0" (include/disagg/cpu_features.h).
 _HAVE_AVX512 = (torch.backends.cpu.get_cpu_capability() == "AVX512"
-                and "DISAGG_NO_AVX512" not in os.environ)
+                and not any(os.environ.get(v, "") not in ("", "0")
+                            for v in ("DISAGG_NO_AVX512", "DISAGG_NO_SIMD")))
 
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
            "float16": torch.float16, "half": torch.float16}
