@@ -283,7 +283,8 @@ def train_model(name, model, train_ids, val_x, *, steps, batch, seq_len, lr, see
         lm_loss = torch.nn.functional.cross_entropy(
             out.logits.float().reshape(-1, out.logits.size(-1)), x[:, 1:].reshape(-1)
         )
-        loss = lm_loss + model.config.router_aux_loss_coef * out.aux_loss if moe else lm_loss
+        aux_loss = per_layer_balance_loss(out.router_logits, model.config) if moe else None
+        loss = lm_loss + model.config.router_aux_loss_coef * aux_loss if moe else lm_loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -293,7 +294,7 @@ def train_model(name, model, train_ids, val_x, *, steps, batch, seq_len, lr, see
             dt = time.time() - t0
             tps = tokens_per_step * (step + 1) / dt
             eta = dt / (step + 1) * (steps - step - 1)
-            aux = f" aux {out.aux_loss.item():.3f}" if moe else ""
+            aux = f" aux {aux_loss.item():.3f}" if moe else ""
             recent = sum(losses[-log_every:]) / len(losses[-log_every:])
             print(
                 f"[{name}] step {step + 1}/{steps} loss {recent:.4f}{aux} "
@@ -305,6 +306,26 @@ def train_model(name, model, train_ids, val_x, *, steps, batch, seq_len, lr, see
     return {"steps": steps, "tokens_seen": steps * tokens_per_step, "batch": batch,
             "seq_len": seq_len, "peak_lr": lr, "warmup_steps": warmup,
             "train_time_s": round(train_time, 1), "final_train_loss": round(final_train, 4)}
+
+
+def per_layer_balance_loss(router_logits, config) -> torch.Tensor:
+    """Switch-style load-balancing loss computed per layer and averaged over layers.
+
+    ``transformers``' Mixtral ``aux_loss`` concatenates the router logits of all layers before
+    computing the balance term, so it only asks the experts to be balanced *summed over layers*:
+    a run can send every layer's tokens to the same two experts of that layer (max/mean load
+    4.0 in each) while the pooled term sits at its balanced value. Here each layer is balanced
+    on its own: ``E * sum_e f_e * P_e`` with ``f_e`` the share of the top-k assignments that go
+    to expert ``e`` and ``P_e`` its mean router probability (1.0 when perfectly even)."""
+    k, E = config.num_experts_per_tok, config.num_local_experts
+    total = 0.0
+    for rl in router_logits:
+        probs = torch.softmax(rl.float(), dim=-1)                      # [N, E]
+        chosen = torch.topk(probs, k, dim=-1).indices                  # [N, k]
+        f = torch.zeros(E).index_add_(0, chosen.reshape(-1),
+                                      torch.ones(chosen.numel())) / chosen.numel()
+        total = total + E * (f * probs.mean(0)).sum()
+    return total / len(router_logits)
 
 
 @torch.no_grad()
@@ -364,8 +385,8 @@ def save_model(model, out: Path, dtype, tok, seq_len, info):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="writes OUT/default and OUT/default-draft")
-    p.add_argument("--steps", type=int, default=16, help="target optimizer steps")
-    p.add_argument("--draft-steps", type=int, default=24, help="draft optimizer steps")
+    p.add_argument("--steps", type=int, default=1200, help="target optimizer steps")
+    p.add_argument("--draft-steps", type=int, default=2000, help="draft optimizer steps")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--vocab", type=int, default=1024)
