@@ -3,6 +3,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "attention_checks.h"
 #include "checks.h"
 #include "disagg/attention.h"
 
@@ -14,34 +15,9 @@ at::Tensor paged_decode_attention_cpu_op(const at::Tensor& q, const at::Tensor& 
                                          const at::Tensor& ctx_lens, double scale,
                                          int64_t sliding_window) {
   const char* op = "paged_decode_attention";
-  check_dim(q, 3, op, "q", "[B, Hq, D]");
-  check_float(q, op, "q");
-  check_dim(kv_cache, 5, op, "kv_cache", "[num_blocks, 2, block_size, Hkv, D]");
-  check_dtype(kv_cache, q.scalar_type(), op, "kv_cache");
-  check_contiguous(kv_cache, op, "kv_cache");
-  DISAGG_CHECK_VALUE(kv_cache.size(1) == 2, op, "kv_cache dim 1 must be 2 (K, V), got ",
-                     kv_cache.size(1));
-  check_dim(block_tables, 2, op, "block_tables", "[B, max_blocks]");
-  check_index(block_tables, op, "block_tables");
-  check_dim(ctx_lens, 1, op, "ctx_lens", "[B]");
-  DISAGG_CHECK_VALUE(ctx_lens.scalar_type() == block_tables.scalar_type(), op,
-                     "ctx_lens must have block_tables' dtype ", block_tables.scalar_type(),
-                     ", got ", ctx_lens.scalar_type());
-  check_same_device(q, kv_cache, op, "kv_cache");
-  check_same_device(q, block_tables, op, "block_tables");
-  check_same_device(q, ctx_lens, op, "ctx_lens");
+  check_paged_decode_attention(q, kv_cache, block_tables, ctx_lens, scale, sliding_window, op);
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
   const int64_t Hkv = kv_cache.size(3);
-  DISAGG_CHECK_VALUE(kv_cache.size(4) == D, op, "kv_cache head_dim must equal q's ", D, ", got ",
-                     kv_cache.size(4));
-  DISAGG_CHECK_VALUE(Hkv >= 1 && Hq % Hkv == 0, op, "q heads (", Hq,
-                     ") must be a multiple of kv_cache heads (", Hkv, ")");
-  DISAGG_CHECK_VALUE(block_tables.size(0) == B, op, "block_tables must have B=", B,
-                     " rows, got ", block_tables.size(0));
-  DISAGG_CHECK_VALUE(ctx_lens.size(0) == B, op, "ctx_lens must have B=", B, " entries, got ",
-                     ctx_lens.size(0));
-  DISAGG_CHECK_VALUE(std::isfinite(scale), op, "scale must be finite, got ", scale);
-  DISAGG_CHECK_VALUE(sliding_window >= 0, op, "sliding_window must be >= 0, got ", sliding_window);
   at::Tensor q_c = q.contiguous(), bt = block_tables.contiguous(), cl = ctx_lens.contiguous();
   at::Tensor out = at::empty_like(q_c);
   if (B == 0) return out;
