@@ -13,21 +13,7 @@ at::Tensor expert_gemm_cpu_op(const at::Tensor& x, const at::Tensor& w,
                               const at::Tensor& expert_offsets) {
   const char* op = "expert_gemm";
   check_expert_gemm(x, w, expert_offsets, op);
-  const int64_t M = x.size(0), E = w.size(0);
-  const at::Tensor off = expert_offsets.to(at::kLong).contiguous();
-  const int64_t* o = off.data_ptr<int64_t>();
-  DISAGG_CHECK_VALUE(o[0] >= 0 && o[E] <= M, op, "expert_offsets must lie in [0, M=", M,
-                     "], got [", o[0], ", ", o[E], "]");
-  for (int64_t e = 0; e < E; ++e)
-    DISAGG_CHECK_VALUE(o[e] <= o[e + 1], op, "expert_offsets must be non-decreasing, got ", o[e],
-                       " then ", o[e + 1], " at expert ", e);
-  at::Tensor out = at::zeros({M, w.size(1)}, x.options());
-  for (int64_t e = 0; e < E; ++e) {
-    if (o[e + 1] == o[e]) continue;
-    at::Tensor seg = out.narrow(0, o[e], o[e + 1] - o[e]);
-    at::mm_out(seg, x.narrow(0, o[e], o[e + 1] - o[e]), w[e].t());
-  }
-  return out;
+  return expert_gemm_per_expert(x, w, expert_offsets, op);
 }
 
 }  // namespace
