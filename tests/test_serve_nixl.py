@@ -6,10 +6,10 @@ from __future__ import annotations
 import threading
 import time
 
-import pytest
 
 import openai
 from test_serve import Server, _stream_and_drop
+from test_serve import model  # noqa: F401  (the module-scoped tiny checkpoint fixture)
 
 PROMPTS = ["The quick brown fox", "def fib(n):", "Hello, world! " * 6]
 MAX_TOKENS = 10
@@ -57,15 +57,6 @@ def _run(model, transport, disconnects=False):
                 return ids, full, streamed, m
     finally:
         s.stop()
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    from disagg.model.tiny import make_checkpoint
-
-    path = str(tmp_path_factory.mktemp("tiny") / "mixtral")
-    make_checkpoint("mixtral", path, seed=3)
-    return path
 
 
 def test_nixl_transport_equals_torch_transport_and_offline(model):

@@ -19,6 +19,7 @@ from disagg.parallel.layout import kv_head_range  # noqa: E402
 from disagg.serve.pool import kv_head_plan, layer_parts, plan_units, world_size  # noqa: E402
 from test_serve import (PROMPTS, Server, _client, _greedy_ids, _rank_pid,  # noqa: E402
                         _stream_and_drop)
+from test_serve import model, offline  # noqa: E402,F401  (the same module-scoped fixtures)
 
 
 def _valid(n: int, tp: int) -> bool:
@@ -62,24 +63,6 @@ def test_layer_parts_and_units():
         plan_units("disaggregated", 1, 1, 2, 3, 1, 1)
     with pytest.raises(ValueError, match="disaggregated"):
         plan_units("colocated", 1, 1, 2, 1, 1, 1)
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    from disagg.model.tiny import make_checkpoint
-
-    path = str(tmp_path_factory.mktemp("tiny") / "mixtral")
-    make_checkpoint("mixtral", path, seed=3)
-    return path
-
-
-@pytest.fixture(scope="module")
-def offline(model):
-    from disagg import LLM, SamplingParams
-
-    outs = LLM(model).generate(PROMPTS, SamplingParams(temperature=0, max_tokens=12,
-                                                       ignore_eos=True))
-    return [o.outputs[0].token_ids for o in outs]
 
 
 def _concurrent_ids(s, prompts):
