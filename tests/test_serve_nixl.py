@@ -6,7 +6,6 @@ from __future__ import annotations
 import threading
 import time
 
-
 import openai
 from test_serve import Server, _stream_and_drop
 from test_serve import model  # noqa: F401  (the module-scoped tiny checkpoint fixture)
