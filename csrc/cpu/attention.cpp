@@ -50,11 +50,7 @@ at::Tensor paged_decode_attention_rope_cpu_op(const at::Tensor& qkv, const at::T
   check_dim(qkv, 2, op, "qkv", "[B, (Hq + 2 Hkv) * D]");
   check_float(qkv, op, "qkv");
   check_contiguous(qkv, op, "qkv");
-  check_dim(kv_cache, 5, op, "kv_cache", "[num_blocks, 2, block_size, Hkv, D]");
-  check_dtype(kv_cache, qkv.scalar_type(), op, "kv_cache");
-  check_contiguous(kv_cache, op, "kv_cache");
-  DISAGG_CHECK_VALUE(kv_cache.size(1) == 2, op, "kv_cache dim 1 must be 2 (K, V), got ",
-                     kv_cache.size(1));
+  check_paged_kv_cache(kv_cache, qkv.scalar_type(), op);
   const int64_t B = qkv.size(0), Hkv = kv_cache.size(3), D = kv_cache.size(4);
   DISAGG_CHECK_VALUE(num_heads >= 1 && num_heads % Hkv == 0, op, "num_heads (", num_heads,
                      ") must be a positive multiple of kv_cache heads (", Hkv, ")");
@@ -70,21 +66,8 @@ at::Tensor paged_decode_attention_rope_cpu_op(const at::Tensor& qkv, const at::T
     DISAGG_CHECK_VALUE(t->size(0) == B && t->size(1) == D, op, name, " must be [", B, ", ", D,
                        "], got ", t->sizes());
   }
-  check_dim(block_tables, 2, op, "block_tables", "[B, max_blocks]");
-  check_index(block_tables, op, "block_tables");
-  check_dim(ctx_lens, 1, op, "ctx_lens", "[B]");
-  DISAGG_CHECK_VALUE(ctx_lens.scalar_type() == block_tables.scalar_type(), op,
-                     "ctx_lens must have block_tables' dtype ", block_tables.scalar_type(),
-                     ", got ", ctx_lens.scalar_type());
-  check_same_device(qkv, kv_cache, op, "kv_cache");
-  check_same_device(qkv, block_tables, op, "block_tables");
-  check_same_device(qkv, ctx_lens, op, "ctx_lens");
-  DISAGG_CHECK_VALUE(block_tables.size(0) == B, op, "block_tables must have B=", B,
-                     " rows, got ", block_tables.size(0));
-  DISAGG_CHECK_VALUE(ctx_lens.size(0) == B, op, "ctx_lens must have B=", B, " entries, got ",
-                     ctx_lens.size(0));
-  DISAGG_CHECK_VALUE(std::isfinite(scale), op, "scale must be finite, got ", scale);
-  DISAGG_CHECK_VALUE(sliding_window >= 0, op, "sliding_window must be >= 0, got ", sliding_window);
+  check_block_tables(qkv, kv_cache, block_tables, ctx_lens, B, op);
+  check_scale_window(scale, sliding_window, op);
   at::Tensor c = cos.contiguous(), s_ = sin.contiguous();
   at::Tensor bt = block_tables.contiguous(), cl = ctx_lens.contiguous();
   at::Tensor out = at::empty({B, num_heads, D}, qkv.options());

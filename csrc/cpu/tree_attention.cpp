@@ -3,6 +3,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "attention_checks.h"
 #include "checks.h"
 #include "disagg/tree_attention.h"
 
@@ -17,11 +18,7 @@ at::Tensor paged_tree_attention_cpu_op(const at::Tensor& q, const at::Tensor& kv
   const char* op = "paged_tree_attention";
   check_dim(q, 3, op, "q", "[T, Hq, D]");
   check_float(q, op, "q");
-  check_dim(kv_cache, 5, op, "kv_cache", "[num_blocks, 2, block_size, Hkv, D]");
-  check_dtype(kv_cache, q.scalar_type(), op, "kv_cache");
-  check_contiguous(kv_cache, op, "kv_cache");
-  DISAGG_CHECK_VALUE(kv_cache.size(1) == 2, op, "kv_cache dim 1 must be 2 (K, V), got ",
-                     kv_cache.size(1));
+  check_paged_kv_cache(kv_cache, q.scalar_type(), op);
   check_dim(block_tables, 2, op, "block_tables", "[B, max_blocks]");
   check_index(block_tables, op, "block_tables");
   const auto idx = block_tables.scalar_type();
@@ -55,8 +52,7 @@ at::Tensor paged_tree_attention_cpu_op(const at::Tensor& q, const at::Tensor& kv
   DISAGG_CHECK_VALUE(tree_mask.size(0) == T, op, "tree_mask must have T=", T,
                      " rows (one per query), got ", tree_mask.size(0));
   DISAGG_CHECK_VALUE(tree_mask.size(1) >= 1, op, "tree_mask must have at least one word per row");
-  DISAGG_CHECK_VALUE(std::isfinite(scale), op, "scale must be finite, got ", scale);
-  DISAGG_CHECK_VALUE(sliding_window >= 0, op, "sliding_window must be >= 0, got ", sliding_window);
+  check_scale_window(scale, sliding_window, op);
   at::Tensor q_c = q.contiguous(), bt = block_tables.contiguous(), cl = ctx_lens.contiguous();
   at::Tensor tl = tree_lens.contiguous(), qo = q_offsets.contiguous(), tm = tree_mask.contiguous();
   at::Tensor out = at::empty_like(q_c);
