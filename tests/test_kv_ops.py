@@ -253,9 +253,13 @@ def test_conversions_do_not_depend_on_flush_denormal_mode():
 
 
 def _fp8_bound(x, amax):
-    """Per-element bound for fp8 e4m3 with scale amax/448: half an ulp of 3 mantissa bits
-    (|x|/16) for normals, half the subnormal step (2^-10 in scaled units) below 2^-6."""
-    return torch.maximum(x.abs() / 16, (amax / 448) * 2.0 ** -10)
+    """Per-element bound for fp8 e4m3 with the power-of-two scale 2^k (amax * 2^-k in
+    (224, 448]): half an ulp of 3 mantissa bits (|x|/16) for normals, half the subnormal step
+    (2^-10 in scaled units) below 2^-6; the documented bound max(|x|/16, amax/448 * 2^-9) is
+    looser by up to 2x in the second term."""
+    scale, _ = ref._fp8_pow2_scale(amax)
+    assert (scale <= amax / 224).all() and (amax <= 448 * scale).all()
+    return torch.maximum(x.abs() / 16, scale * 2.0 ** -10)
 
 
 @pytest.mark.parametrize("quant", ["int8", "fp8_e4m3"])
@@ -293,13 +297,19 @@ def test_quantized_round_trip_within_bound(quant, src_dtype, bs, dst_bs):
     else:
         bound = _fp8_bound(x, amax_t) * (1 + 1e-5)
     assert (err <= bound).all(), f"max excess {(err - bound).max().item()}"
-    # zero groups stay exactly zero; a group's maximum (hence an all-equal group: every element
-    # is the maximum) comes back to within float32 rounding of scale * qmax
+    # zero groups stay exactly zero
     assert (y[0, 1, :, 3][torch.arange(T) < bs] == 0).all()
-    at_max = x.abs() == amax_t
-    torch.testing.assert_close(y[at_max], x[at_max], rtol=1e-6, atol=0)
     eq = y[1, 0, bs:2 * bs if 2 * bs <= T else T, 0]
-    torch.testing.assert_close(eq, torch.full_like(eq, -7.25), rtol=1e-6, atol=0)
+    if quant == "int8":
+        # a group's maximum (hence an all-equal group: every element is the maximum) comes back
+        # to within float32 rounding of scale * 127
+        at_max = x.abs() == amax_t
+        torch.testing.assert_close(y[at_max], x[at_max], rtol=1e-6, atol=0)
+        torch.testing.assert_close(eq, torch.full_like(eq, -7.25), rtol=1e-6, atol=0)
+    else:
+        # fp8's power-of-two scale is exact, so an all-equal group decodes to one value:
+        # -7.25 rounded to e4m3 in its binade (1.8125 * 4 -> 1.75 * 4, ties to even)
+        assert (eq == -7.0).all()
 
 
 def test_quantized_to_bf16_destination():
@@ -458,6 +468,42 @@ def test_fp8_saturation_and_nan_codes_match_torch():
         t = torch.arange(10, dtype=torch.int32)
         assert torch.equal(ops.kv_pack(caches, t, 10, quant="fp8_e4m3"),
                            ref.kv_pack(caches, t, 10, quant="fp8_e4m3"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fp8_power_of_two_scales_over_the_exponent_range(dtype):
+    """Groups whose maxima span the exponent range (scale 2^k for k from -126 to 120, both
+    sides of the bf16 fast path's k >= -116), each holding values over ~40 binades below its
+    maximum (the e4m3 subnormal grid, zeros of both signs, bf16 denormals): bit-exact with the
+    reference, and every scale a power of two."""
+    g = torch.Generator().manual_seed(5)
+    D, n = 64, 48
+    maxima = [2.0 ** e for e in range(-132, 127, 6)] + [1.75 * 2.0 ** 8, 1.7500001 * 2.0 ** 8,
+                                                          3.0e38, 1e-38]
+    fmax = torch.finfo(dtype).max
+    rows = []
+    for amax in [a for a in maxima if a <= fmax]:
+        for _ in range(2):
+            mag = torch.exp2(-torch.rand(D, generator=g) * 40) * amax
+            sign = torch.where(torch.rand(D, generator=g) < 0.5, -1.0, 1.0)
+            r = (mag * sign).to(torch.float64)
+            r[0] = amax
+            r[1:3] = 0.0
+            r[2] = -0.0
+            rows.append(r)
+    x = torch.stack(rows).float()  # [n_groups, D]
+    x[:, 3] = torch.tensor(9.2e-41)  # a bf16/fp32 denormal in every group (0 for fp16)
+    x = x.to(dtype)
+    groups = x.shape[0]
+    # one token per block, one head: each row is its own (block, head) group
+    caches = [x.view(groups, 1, 1, 1, D).expand(groups, 2, 1, 1, D).contiguous()]
+    t = torch.randperm(groups, generator=g).to(torch.int32)
+    buf = ops.kv_pack(caches, t, groups, quant="fp8_e4m3")
+    assert torch.equal(buf, ref.kv_pack(caches, t, groups, quant="fp8_e4m3"))
+    sc = buf[-2 * groups * 4:].clone().view(torch.float32)  # the scales end the buffer
+    assert (sc > 0).sum() >= 2 * 2 * 7 and torch.isfinite(sc).all()
+    m, _ = torch.frexp(sc[sc > 0])
+    assert (m == 0.5).all()
 
 
 # ---- compact ----------------------------------------------------------------------------------

@@ -231,10 +231,13 @@ __global__ void pack_quant_kernel(LayerPtrs layers, const int64_t* __restrict__ 
     scale = __uint_as_float(0x7fc00000u);
   } else {
     const float amax = from_abs_bits(mx, static_cast<T*>(nullptr));
-    const float qmax = a.quant == Quant::kInt8 ? 127.0f : 448.0f;
-    if (amax > 0.0f) {
-      scale = __fdiv_rn(amax, qmax);
-      inv = __fdiv_rn(qmax, amax);
+    if (amax > 0.0f && a.quant == Quant::kInt8) {
+      scale = __fdiv_rn(amax, 127.0f);
+      inv = __fdiv_rn(127.0f, amax);
+    } else if (amax > 0.0f) {  // fp8: a power-of-two scale (kv_format.h)
+      const int32_t k = ::disagg::kv::fp8_scale_exponent(__float_as_uint(amax));
+      scale = __uint_as_float(::disagg::kv::pow2_bits(k));
+      inv = __uint_as_float(::disagg::kv::pow2_bits(-k));
     }
   }
   if (lane == 0) *sc = scale;

@@ -142,9 +142,10 @@ DISAGG_KV_ROW void convert_row(const S* src, D* dst, int64_t n) {
 struct QuantParams { float scale, inv; };
 
 inline QuantParams quant_params(Quant q, float amax) {
-  const float qmax = q == Quant::kInt8 ? 127.0f : 448.0f;
   if (!(amax > 0.0f)) return {0.0f, 0.0f};
-  return {amax / qmax, qmax / amax};
+  if (q == Quant::kInt8) return {amax / 127.0f, 127.0f / amax};
+  const int32_t k = fp8_scale_exponent(f2u(amax));  // a power of two: see kv_format.h
+  return {u2f(pow2_bits(k)), u2f(pow2_bits(-k))};
 }
 
 template <typename T>

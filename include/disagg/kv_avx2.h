@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "disagg/common.h"
 
@@ -267,6 +268,61 @@ DISAGG_TARGET_AVX512 inline __attribute__((always_inline)) void quantize_rows512
   }
 }
 
+// fp8 e4m3fn codes of 32 bf16 values times 2^-k (the power-of-two fp8 scale, -116 <= k, and
+// |x| * 2^-k <= 448), in the low byte of each 16-bit lane, without float arithmetic: 32 lanes a
+// vector where the float encoder has 16. Normal results (|y| >= 2^-6, i.e. exponent field
+// >= 121 + k) drop 4 of bf16's 7 mantissa bits rounding to nearest even and move the exponent
+// bias by an integer subtract (`c_nrm` = (120 + k) << 3). Results below 2^-6 are rare in a
+// group scaled to its maximum: only when a vector holds one does the subnormal path run,
+// RNE(M >> s) with M the 8-bit significand and s = 125 + k - exponent (>= 5; s >= 9 gives 0, as
+// do bf16 denormals since k >= -116). Bit-identical to fp8e4m3_from_float(x * 2^-k).
+DISAGG_TARGET_AVX512 inline __m512i fp8_codes32_bf16(__m512i v, __m512i c_nrm, __m512i thr_m1,
+                                                     __m512i s_base) {
+  const __m512i a = _mm512_and_si512(v, _mm512_set1_epi16(0x7fff));
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi16(a, 4), _mm512_set1_epi16(1));
+  const __m512i t = _mm512_srli_epi16(_mm512_add_epi16(_mm512_add_epi16(a, _mm512_set1_epi16(7)), lsb), 4);
+  // zeros give 0 (a mask, not the subtract's wrap-around)
+  __m512i r = _mm512_maskz_sub_epi16(_mm512_test_epi16_mask(a, a), t, c_nrm);
+  // 0 < a < threshold  <=>  a - 1 < threshold - 1 (unsigned): nonzero results below 2^-6
+  const __mmask32 sub = _mm512_cmplt_epu16_mask(_mm512_sub_epi16(a, _mm512_set1_epi16(1)), thr_m1);
+  if (__builtin_expect(sub != 0, 0)) {
+    const __m512i s = _mm512_min_epu16(_mm512_sub_epi16(s_base, _mm512_srli_epi16(a, 7)), _mm512_set1_epi16(16));
+    const __m512i m = _mm512_or_si512(_mm512_and_si512(a, _mm512_set1_epi16(0x7f)), _mm512_set1_epi16(0x80));
+    const __m512i one = _mm512_set1_epi16(1);
+    const __m512i half_m1 = _mm512_sub_epi16(_mm512_sllv_epi16(one, _mm512_sub_epi16(s, one)), one);
+    const __m512i odd = _mm512_and_si512(_mm512_srlv_epi16(m, s), one);
+    r = _mm512_mask_mov_epi16(r, sub, _mm512_srlv_epi16(_mm512_add_epi16(_mm512_add_epi16(m, half_m1), odd), s));
+  }
+  // | the sign: r | ((v >> 8) & 0x80)
+  return _mm512_ternarylogic_epi32(r, _mm512_srli_epi16(v, 8), _mm512_set1_epi16(0x80), 0xf8);
+}
+
+// Rows of D bf16 values (D a multiple of 32) to fp8 with scale 2^k.
+DISAGG_TARGET_AVX512 inline __attribute__((always_inline)) void quantize_rows512_fp8_bf16(
+    const bf16_t* src, uint8_t* dst, int64_t D, int32_t k, bool stream) {
+  const __m512i c_nrm = _mm512_set1_epi16(static_cast<int16_t>((120 + k) << 3));
+  const __m512i thr_m1 = _mm512_set1_epi16(static_cast<int16_t>(((121 + k) << 7) - 1));
+  const __m512i s_base = _mm512_set1_epi16(static_cast<int16_t>(125 + k));
+  int64_t d = 0;
+  if (stream && D % 64 == 0 && (reinterpret_cast<uintptr_t>(dst) & 63) == 0) {
+    for (; d < D; d += 64) {  // whole 64-byte lines per non-temporal store
+      const __m256i b0 = _mm512_cvtepi16_epi8(fp8_codes32_bf16(_mm512_loadu_si512(src + d), c_nrm, thr_m1, s_base));
+      const __m256i b1 = _mm512_cvtepi16_epi8(fp8_codes32_bf16(_mm512_loadu_si512(src + d + 32), c_nrm, thr_m1, s_base));
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + d), _mm512_inserti64x4(_mm512_castsi256_si512(b0), b1, 1));
+    }
+    return;
+  }
+  const bool nt_row = stream && is_aligned32(dst);
+  for (; d < D; d += 32) {
+    const __m256i b = _mm512_cvtepi16_epi8(fp8_codes32_bf16(_mm512_loadu_si512(src + d), c_nrm, thr_m1, s_base));
+    if (nt_row) {
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + d), b);
+    } else {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + d), b);
+    }
+  }
+}
+
 // (the element type and the quantization are template parameters, so that each loop is compiled
 // with its constants in registers)
 template <bool kInt8, typename T>
@@ -280,7 +336,18 @@ DISAGG_TARGET_AVX512 void quantize_block512_t(const T* base, int64_t stride_toke
       if (next != nullptr)
         for (int64_t b = 0; b < D * static_cast<int64_t>(sizeof(T)); b += 64)
           _mm_prefetch(reinterpret_cast<const char*>(next + off) + b, _MM_HINT_T0);
-      if (!skip[h]) quantize_rows512<kInt8>(base + off, dst + o * row + h * D, D, inv[h], stream);
+      if (skip[h]) continue;
+      if constexpr (!kInt8 && std::is_same<T, bf16_t>::value) {
+        // a power-of-two scale 2^k: inv = 2^-k (0 for an all-zero group, which keeps the float path)
+        uint32_t ib;
+        std::memcpy(&ib, inv + h, sizeof(ib));
+        const int32_t k = 127 - static_cast<int32_t>(ib >> 23);
+        if (inv[h] != 0.0f && k >= -116 && D % 32 == 0) {
+          quantize_rows512_fp8_bf16(base + off, dst + o * row + h * D, D, k, stream);
+          continue;
+        }
+      }
+      quantize_rows512<kInt8>(base + off, dst + o * row + h * D, D, inv[h], stream);
     }
 }
 

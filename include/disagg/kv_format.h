@@ -45,6 +45,26 @@ struct BufferHeader {
 };
 static_assert(sizeof(BufferHeader) == kHeaderBytes, "the header is part of the wire format");
 
+#if defined(__CUDACC__)
+#define DISAGG_KV_HD __host__ __device__
+#else
+#define DISAGG_KV_HD
+#endif
+
+// fp8 scales are powers of two, 2^k with k the smallest integer such that amax * 2^-k <= 448
+// (e4m3's largest value, 1.75 * 2^8), so that scaling is exact: the encoder then rounds once,
+// as a direct cast would, and can move exponents with an integer add. k >= -126 keeps both 2^k
+// and 2^-k normal floats (a group whose amax is under 2^-118 gets a scale coarser than ideal;
+// its error bound is then 2^-136 absolute). `amax_bits` are the float32 bits of amax > 0, finite.
+DISAGG_KV_HD inline int32_t fp8_scale_exponent(uint32_t amax_bits) {
+  const int32_t e = static_cast<int32_t>(amax_bits >> 23);  // biased exponent (sign is 0)
+  if (e == 0) return -126;  // amax a float32 denormal: far below 2^-118
+  const int32_t k = e - 127 - 8 + ((amax_bits & 0x7fffffu) > 0x600000u ? 1 : 0);
+  return k < -126 ? -126 : k;
+}
+// 2^k as float32 bits, for -126 <= k <= 127.
+DISAGG_KV_HD inline uint32_t pow2_bits(int32_t k) { return static_cast<uint32_t>(k + 127) << 23; }
+
 inline int64_t dtype_bytes(DType d) { return d == DType::kFloat32 ? 4 : 2; }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

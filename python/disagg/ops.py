@@ -240,7 +240,8 @@ def kv_pack(
     quant : {"none", "int8", "fp8_e4m3"}
         Symmetric quantization with one float32 scale per (layer, K/V, block, head), carried in
         the buffer: int8 ``|err| <= amax / 254``; fp8 e4m3 ``|err| <= max(|x| / 16,
-        amax / 448 * 2**-10)`` (amax over the block's tokens of that head). Needs finite values.
+        amax / 448 * 2**-9)`` with a power-of-two scale (amax over the block's tokens of that
+        head). Needs finite values.
 
     Returns
     -------

@@ -180,6 +180,18 @@ def moe_combine_into(y: torch.Tensor, dest: torch.Tensor, weights: torch.Tensor,
 _KV_QMAX = {"int8": 127.0, "fp8_e4m3": 448.0}
 
 
+def _fp8_pow2_scale(amax):
+    """fp8 scales: 2^k with the smallest k such that amax * 2^-k <= 448, k >= -126 (0 for an
+    all-zero group); returns (scale, inv) as float32, both exact powers of two."""
+    m, e = torch.frexp(amax.double())  # amax = m * 2^e, m in [0.5, 1); 448 = 0.875 * 2^9
+    k = (e - 9 + (m > 0.875).to(e.dtype)).clamp(min=-126)
+    two = torch.full_like(amax, 2.0, dtype=torch.float64)
+    pos = amax > 0
+    scale = torch.where(pos, torch.pow(two, k.double()), 0.0).float()
+    inv = torch.where(pos, torch.pow(two, -k.double()), 0.0).float()
+    return scale, inv
+
+
 def _kv_nhd(cache: torch.Tensor, layout: str) -> torch.Tensor:
     """An NHD view ``[blocks, 2, block_size, heads, dim]`` of a cache in either layout."""
     return cache.transpose(2, 3) if layout == "HND" else cache
@@ -224,10 +236,13 @@ def kv_pack(caches, block_table, num_tokens, *, layer_start=0, layer_end=-1, hea
     if not torch.isfinite(amax).all():
         raise ValueError("disagg.kv_pack: caches hold inf or NaN; quantized packing needs finite values")
     pos = amax > 0
-    # tensor / tensor is a true IEEE division; `qmax / amax` would be reciprocal-then-multiply
-    q_t = torch.full_like(amax, qmax)
-    scale = torch.where(pos, amax / q_t, torch.zeros_like(amax))
-    inv = torch.where(pos, q_t / amax, torch.zeros_like(amax))
+    if quant == "int8":
+        # tensor / tensor is a true IEEE division; `qmax / amax` would be reciprocal-then-multiply
+        q_t = torch.full_like(amax, qmax)
+        scale = torch.where(pos, amax / q_t, torch.zeros_like(amax))
+        inv = torch.where(pos, q_t / amax, torch.zeros_like(amax))
+    else:
+        scale, inv = _fp8_pow2_scale(amax)
     y = g * inv[:, :, :, None, :, None]
     if quant == "int8":
         q = torch.round(y).clamp(-127, 127).to(torch.int8).view(torch.uint8)
