@@ -224,7 +224,12 @@ out = []
 for dtype in (torch.float32, torch.bfloat16, torch.float16):
     for T, E, k, H in [(97, 8, 2, 1024), (40, 60, 6, 77), (33, 16, 4, 4096)]:
         g = torch.Generator().manual_seed(T * H)
-        x = (torch.randn(T, H, generator=g) * 3).to(dtype)
+        x = torch.randn(T, H, generator=g) * 3
+        x[::5] *= 1e-38  # sums under 2^-126: float denormals (bf16 keeps them too)
+        x[1] = 0.0
+        x[2, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+        x[3, :2] = torch.tensor([3.0e38, -3.0e38])  # weighted sums near the top of the range
+        x = x.to(dtype)
         r = ops.route(torch.randn(T, E, generator=g), k, capacity_factor=1.0)
         lay = ops.moe_layout(r.ids, E)
         y = ops.moe_permute(x, lay.src, k)
@@ -235,9 +240,11 @@ torch.save(out, sys.argv[1])
 
 
 def test_combine_simd_paths_give_the_same_bits(tmp_path):
-    """The AVX-512, AVX2 and portable combine kernels agree bit for bit (the environment picks the
-    path at load time, so each runs in its own process); large shapes cover the non-temporal
-    stores and prefetch, odd H the masked tails."""
+    """The AVX-512 (with and without its bf16 conversion), AVX2 and portable combine kernels
+    agree bit for bit (the environment picks the path at load time, so each runs in its own
+    process); large shapes cover the non-temporal stores and prefetch, odd H the masked tails;
+    tiny rows give denormal sums (which the bf16 conversion instruction would flush), NaN, inf
+    and huge values the special cases."""
     import os
     import subprocess
     import sys
@@ -245,7 +252,8 @@ def test_combine_simd_paths_give_the_same_bits(tmp_path):
     script = tmp_path / "combine.py"
     script.write_text(_SIMD_CHILD)
     results = []
-    for i, env in enumerate([{}, {"DISAGG_NO_AVX512": "1"}, {"DISAGG_NO_SIMD": "1"}]):
+    for i, env in enumerate([{}, {"DISAGG_NO_AVX512BF16": "1"}, {"DISAGG_NO_AVX512": "1"},
+                             {"DISAGG_NO_SIMD": "1"}]):
         path = tmp_path / f"out{i}.pt"
         subprocess.run([sys.executable, str(script), str(path)], check=True, timeout=300,
                        env={**os.environ, **env})

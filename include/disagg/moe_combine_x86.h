@@ -176,6 +176,38 @@ DISAGG_TARGET_AVX512 inline void store32_interleaved(bf16_t* p, __mmask32 m, __m
   }
 }
 
+// The same with vcvtne2ps2bf16 (AVX-512 BF16; inline assembly, so that this header needs no
+// compiler flag for it and the caller picks it at run time): one instruction rounds both halves
+// to nearest even and quiets NaNs as bf16_round_high does, and one word permute restores the
+// order. The instruction treats float denormals as zero, so a vector holding one (a weighted sum
+// under 2^-126 in magnitude) takes the integer path: the bits stay those of the portable kernel.
+DISAGG_TARGET_AVX512 inline void store32_interleaved_ne(bf16_t* p, __mmask32 m, __m512 lo, __m512 hi, bool nt) {
+  // |x| < 2^-126 (the sign shifted out): denormals, and zeros, which the integer path handles
+  // as well (a vector of zeros only comes from tokens whose rows were all dropped)
+  const __m512i lim = _mm512_set1_epi32(0x01000000);
+  const __mmask16 dlo = _mm512_cmplt_epu32_mask(_mm512_slli_epi32(_mm512_castps_si512(lo), 1), lim);
+  const __mmask16 dhi = _mm512_cmplt_epu32_mask(_mm512_slli_epi32(_mm512_castps_si512(hi), 1), lim);
+  if (__builtin_expect((dlo | dhi) != 0, 0)) {
+    store32_interleaved(p, m, lo, hi, nt);
+    return;
+  }
+  alignas(64) static constexpr uint16_t kIdx[32] = {
+#define DISAGG_W(j) static_cast<uint16_t>(interleaved_dword(j))
+      DISAGG_W(0), DISAGG_W(1), DISAGG_W(2), DISAGG_W(3), DISAGG_W(4), DISAGG_W(5), DISAGG_W(6), DISAGG_W(7),
+      DISAGG_W(8), DISAGG_W(9), DISAGG_W(10), DISAGG_W(11), DISAGG_W(12), DISAGG_W(13), DISAGG_W(14), DISAGG_W(15),
+      DISAGG_W(16), DISAGG_W(17), DISAGG_W(18), DISAGG_W(19), DISAGG_W(20), DISAGG_W(21), DISAGG_W(22), DISAGG_W(23),
+      DISAGG_W(24), DISAGG_W(25), DISAGG_W(26), DISAGG_W(27), DISAGG_W(28), DISAGG_W(29), DISAGG_W(30), DISAGG_W(31)};
+#undef DISAGG_W
+  __m512i packed;  // words 0-15 from lo, 16-31 from hi
+  asm("vcvtne2ps2bf16 %2, %1, %0" : "=v"(packed) : "v"(hi), "v"(lo));
+  const __m512i v = _mm512_permutexvar_epi16(_mm512_load_si512(kIdx), packed);
+  if (nt && m == 0xffffffffu && aligned_to(p, 64)) {
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(p), v);
+  } else {
+    _mm512_mask_storeu_epi16(p, m, v);
+  }
+}
+
 // ---- AVX2: 32 elements as four ymm of floats -------------------------------------------------
 
 DISAGG_TARGET_AVX2 inline void load32(const float* p, __m256 v[4]) {
@@ -271,7 +303,8 @@ inline void prefetch_ahead(const T* const* cur, int64_t n, const T* const* nxt, 
 }
 
 // Tokens [t0, t1) of out[t] = sum_j w[t,j] * y[dest[t,j]]. `nt`: non-temporal stores.
-template <typename T, typename O>
+// kNe: bf16 outputs rounded with vcvtne2ps2bf16 (only where cpu::use_avx512bf16()).
+template <typename T, typename O, bool kNe = false>
 DISAGG_TARGET_AVX512 void combine_tokens_avx512(const T* y, int64_t hidden, const int32_t* dest,
                                                 const float* weights, int64_t k, int64_t t0,
                                                 int64_t t1, O* out, bool nt) {
@@ -304,7 +337,9 @@ DISAGG_TARGET_AVX512 void combine_tokens_avx512(const T* y, int64_t hidden, cons
         alo = _mm512_add_ps(alo, keep(_mm512_mul_ps(w, xlo)));
         ahi = _mm512_add_ps(ahi, keep(_mm512_mul_ps(w, xhi)));
       }
-      if constexpr (kInterleaved && (std::is_same<O, bf16_t>::value || std::is_same<O, float>::value)) {
+      if constexpr (kNe && kInterleaved && std::is_same<O, bf16_t>::value) {
+        store32_interleaved_ne(o + h, m, alo, ahi, nt);
+      } else if constexpr (kInterleaved && (std::is_same<O, bf16_t>::value || std::is_same<O, float>::value)) {
         store32_interleaved(o + h, m, alo, ahi, nt);
       } else {
         store32(o + h, m, alo, ahi, nt);

@@ -467,7 +467,9 @@ Status moe_combine_cpu(const T* y, int64_t rows, int64_t hidden, const int32_t* 
 #endif
         // contiguous token ranges: each thread's prefetch runs on into its own next token
         const int64_t t0 = num_tokens * id / nth, t1 = num_tokens * (id + 1) / nth;
-        if (wide) {
+        if (wide && std::is_same<T, bf16_t>::value && std::is_same<O, bf16_t>::value && cpu::use_avx512bf16()) {
+          x86::combine_tokens_avx512<T, O, true>(y, hidden, dest, weights, top_k, t0, t1, out, nt);
+        } else if (wide) {
           x86::combine_tokens_avx512(y, hidden, dest, weights, top_k, t0, t1, out, nt);
         } else {
           x86::combine_tokens_avx2(y, hidden, dest, weights, top_k, t0, t1, out, nt);
