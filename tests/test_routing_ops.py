@@ -279,6 +279,22 @@ def test_combine_large_output_streams():
     assert torch.equal(ops.moe_combine_into(y, lay.dest, r.weights, buf), out)
 
 
+@pytest.mark.parametrize("dtype,H", [(torch.float32, 4096), (torch.bfloat16, 2048)])
+def test_permute_large_output_streams(dtype, H):
+    """A permute output of more than 4 MiB takes the non-temporal row copy (AVX-512), padded
+    capacity slots (src -1) included: same rows as the reference, every element written."""
+    T, E, k = 600, 16, 2
+    g = torch.Generator().manual_seed(H)
+    x = torch.randn(T, H, generator=g).to(dtype)
+    r = ops.route(torch.randn(T, E, generator=g), k, capacity_factor=1.5)
+    lay = ops.moe_layout(r.ids, E, capacity=ops.route_capacity(1.5, T, k, E), slots=r.slots)
+    assert (lay.src < 0).any() and lay.src.numel() * H * x.element_size() > 4 << 20
+    want = ref.moe_permute(x, lay.src, k)
+    assert torch.equal(ops.moe_permute(x, lay.src, k), want)
+    out = torch.full_like(want, float("nan"))
+    assert torch.equal(ops.moe_permute_into(x, lay.src, k, out), want)
+
+
 def test_dispatch_identity_roundtrip_scales_by_weights():
     T, E, k, H = 50, 8, 2, 32
     x = torch.randn(T, H)

@@ -72,17 +72,23 @@ DISAGG_TARGET_AVX2 inline void store1(f16_t* p, float v) {
 
 // ---- AVX-512: 32 elements as two zmm of floats -----------------------------------------------
 
+// (a full chunk takes a plain load: masked loads cost more on some cores)
 DISAGG_TARGET_AVX512 inline void load32(const float* p, __mmask32 m, __m512& lo, __m512& hi) {
+  if (m == 0xffffffffu) {
+    lo = _mm512_loadu_ps(p);
+    hi = _mm512_loadu_ps(p + 16);
+    return;
+  }
   lo = _mm512_maskz_loadu_ps(static_cast<__mmask16>(m), p);
   hi = _mm512_maskz_loadu_ps(static_cast<__mmask16>(m >> 16), p + 16);
 }
 DISAGG_TARGET_AVX512 inline void load32(const bf16_t* p, __mmask32 m, __m512& lo, __m512& hi) {
-  const __m512i r = _mm512_maskz_loadu_epi16(m, p);
+  const __m512i r = m == 0xffffffffu ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi16(m, p);
   lo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(r)), 16));
   hi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(r, 1)), 16));
 }
 DISAGG_TARGET_AVX512 inline void load32(const f16_t* p, __mmask32 m, __m512& lo, __m512& hi) {
-  const __m512i r = _mm512_maskz_loadu_epi16(m, p);
+  const __m512i r = m == 0xffffffffu ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi16(m, p);
   lo = _mm512_cvtph_ps(_mm512_castsi512_si256(r));
   hi = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(r, 1));
 }
@@ -98,10 +104,21 @@ DISAGG_TARGET_AVX512 inline __m256i bf16_round16(__m512 v) {
   return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, r, qnan));
 }
 
+DISAGG_TARGET_AVX512 inline void store_words(void* p, __mmask32 m, __m512i v) {
+  if (m == 0xffffffffu) {
+    _mm512_storeu_si512(p, v);
+  } else {
+    _mm512_mask_storeu_epi16(p, m, v);
+  }
+}
+
 DISAGG_TARGET_AVX512 inline void store32(float* p, __mmask32 m, __m512 lo, __m512 hi, bool nt) {
   if (nt && m == 0xffffffffu && aligned_to(p, 64)) {
     _mm512_stream_ps(p, lo);
     _mm512_stream_ps(p + 16, hi);
+  } else if (m == 0xffffffffu) {
+    _mm512_storeu_ps(p, lo);
+    _mm512_storeu_ps(p + 16, hi);
   } else {
     _mm512_mask_storeu_ps(p, static_cast<__mmask16>(m), lo);
     _mm512_mask_storeu_ps(p + 16, static_cast<__mmask16>(m >> 16), hi);
@@ -112,7 +129,7 @@ DISAGG_TARGET_AVX512 inline void store32_16(void* p, __mmask32 m, __m256i lo, __
   if (nt && m == 0xffffffffu && aligned_to(p, 64)) {
     _mm512_stream_si512(reinterpret_cast<__m512i*>(p), v);
   } else {
-    _mm512_mask_storeu_epi16(p, m, v);
+    store_words(p, m, v);
   }
 }
 DISAGG_TARGET_AVX512 inline void store32(bf16_t* p, __mmask32 m, __m512 lo, __m512 hi, bool nt) {
@@ -128,7 +145,7 @@ DISAGG_TARGET_AVX512 inline void store32(f16_t* p, __mmask32 m, __m512 lo, __m51
 // words {0-3, 8-11, 16-19, 24-27} of the 32, hi the others; the arithmetic is per lane, so the
 // order only matters when storing, where one two-source permute restores it.
 DISAGG_TARGET_AVX512 inline void load32_interleaved(const bf16_t* p, __mmask32 m, __m512& lo, __m512& hi) {
-  const __m512i r = _mm512_maskz_loadu_epi16(m, p);
+  const __m512i r = m == 0xffffffffu ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi16(m, p);
   lo = _mm512_castsi512_ps(_mm512_unpacklo_epi16(_mm512_setzero_si512(), r));
   hi = _mm512_castsi512_ps(_mm512_unpackhi_epi16(_mm512_setzero_si512(), r));
 }
@@ -172,7 +189,7 @@ DISAGG_TARGET_AVX512 inline void store32_interleaved(bf16_t* p, __mmask32 m, __m
   if (nt && m == 0xffffffffu && aligned_to(p, 64)) {
     _mm512_stream_si512(reinterpret_cast<__m512i*>(p), v);
   } else {
-    _mm512_mask_storeu_epi16(p, m, v);
+    store_words(p, m, v);
   }
 }
 
@@ -204,7 +221,7 @@ DISAGG_TARGET_AVX512 inline void store32_interleaved_ne(bf16_t* p, __mmask32 m, 
   if (nt && m == 0xffffffffu && aligned_to(p, 64)) {
     _mm512_stream_si512(reinterpret_cast<__m512i*>(p), v);
   } else {
-    _mm512_mask_storeu_epi16(p, m, v);
+    store_words(p, m, v);
   }
 }
 
@@ -391,6 +408,31 @@ DISAGG_TARGET_AVX2 void combine_tokens_avx2(const T* y, int64_t hidden, const in
     n = nn;
   }
   if (nt) _mm_sfence();
+}
+
+// ---- moe_permute: row gather -------------------------------------------------------------------
+
+// Rows [r0, r1) of out[r] = x[src[r] / k] (src < 0: zeros), `row_bytes` a multiple of 64 and
+// `out` 64-byte aligned: whole lines with non-temporal stores (no read for ownership of the
+// destination: a third less traffic than memcpy's), and the next row's source prefetched a line
+// per line copied, so its misses overlap this row's copy.
+DISAGG_TARGET_AVX512 inline void permute_rows_stream(const char* x, int64_t x_row_bytes,
+                                                     const int32_t* src, int64_t k, int64_t r0,
+                                                     int64_t r1, char* out, int64_t row_bytes) {
+  for (int64_t r = r0; r < r1; ++r) {
+    __m512i* o = reinterpret_cast<__m512i*>(out + r * row_bytes);
+    const char* nxt = r + 1 < r1 && src[r + 1] >= 0 ? x + (src[r + 1] / k) * x_row_bytes : nullptr;
+    if (src[r] < 0) {
+      for (int64_t b = 0; b < row_bytes; b += 64) _mm512_stream_si512(o + b / 64, _mm512_setzero_si512());
+      continue;
+    }
+    const char* s = x + (src[r] / k) * x_row_bytes;
+    for (int64_t b = 0; b < row_bytes; b += 64) {
+      if (nxt != nullptr) _mm_prefetch(nxt + b, _MM_HINT_T0);
+      _mm512_stream_si512(o + b / 64, _mm512_loadu_si512(s + b));
+    }
+  }
+  _mm_sfence();
 }
 
 }  // namespace x86

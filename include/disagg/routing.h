@@ -388,6 +388,25 @@ Status moe_permute_cpu(const T* x, int64_t num_tokens, int64_t hidden, int64_t x
                        const int32_t* src, int64_t rows, int64_t top_k, T* out) {
   for (int64_t r = 0; r < rows; ++r)
     if (src[r] < -1 || src[r] >= num_tokens * top_k) return Status::kInvalidArgument;
+#if DISAGG_X86_SIMD
+  const int64_t row_bytes = hidden * static_cast<int64_t>(sizeof(T));
+  if (cpu::use_avx512() && rows * row_bytes >= x86::kCombineStreamBytes && row_bytes % 64 == 0 &&
+      x86::aligned_to(out, 64)) {
+#pragma omp parallel
+    {
+#ifdef _OPENMP
+      const int64_t nth = omp_get_num_threads(), id = omp_get_thread_num();
+#else
+      const int64_t nth = 1, id = 0;
+#endif
+      x86::permute_rows_stream(reinterpret_cast<const char*>(x),
+                               x_row_stride * static_cast<int64_t>(sizeof(T)), src, top_k,
+                               rows * id / nth, rows * (id + 1) / nth, reinterpret_cast<char*>(out),
+                               row_bytes);
+    }
+    return Status::kOk;
+  }
+#endif
 #pragma omp parallel for schedule(static) if (rows * hidden > 65536)
   for (int64_t r = 0; r < rows; ++r) {
     T* o = out + r * hidden;
