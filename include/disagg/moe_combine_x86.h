@@ -3,9 +3,9 @@
 // Per token, 32 hidden elements at a time are accumulated over the token's k rows in float
 // registers (acc = 0; acc = acc + w * x, a separate multiply and add in row order, like the
 // portable and CUDA kernels), then rounded once to the output type. The k rows lie at scattered
-// places, so each row is prefetched ~1 KiB ahead of the loads, and near a row's end the prefetch
-// moves on to the start of the next token's rows. Outputs of kStreamBytes and more are written
-// with non-temporal stores: they would only evict the rows still to be read.
+// places: the next token's rows are prefetched in step with this token's loads (a whole token of
+// lead: short, fixed distances left the combine at half a copy's speed). Outputs of kStreamBytes
+// and more are written with non-temporal stores: they would only evict the rows still to be read.
 #pragma once
 
 #include "disagg/cpu_features.h"
@@ -27,7 +27,6 @@
 namespace disagg {
 namespace x86 {
 
-constexpr int64_t kCombinePrefetchBytes = 1024;
 constexpr int64_t kCombineStreamBytes = int64_t(4) << 20;
 
 // The product is rounded on its own before the add (no fused multiply-add, which GCC would
@@ -303,20 +302,14 @@ inline int64_t token_rows(const T* y, int64_t hidden, const int32_t* dest, const
   return n;
 }
 
-// Prefetch the 64-byte lines [off, off + len) of each row, continuing into the next token's
-// rows past the end of the current ones.
+// While token t is combined, the same 32 elements of token t + 1's rows are prefetched: the
+// next token's rows (scattered, so the hardware prefetchers find no stream) arrive in full
+// while this token's are summed, a whole row of lead instead of a fixed distance.
 template <typename T>
-inline void prefetch_ahead(const T* const* cur, int64_t n, const T* const* nxt, int64_t nn,
-                           int64_t off, int64_t len, int64_t row_bytes) {
-  if (off < row_bytes) {
-    for (int64_t j = 0; j < n; ++j)
-      for (int64_t b = 0; b < len; b += 64)
-        __builtin_prefetch(reinterpret_cast<const char*>(cur[j]) + off + b);
-  } else if (off - row_bytes < row_bytes) {
-    for (int64_t j = 0; j < nn; ++j)
-      for (int64_t b = 0; b < len; b += 64)
-        __builtin_prefetch(reinterpret_cast<const char*>(nxt[j]) + (off - row_bytes) + b);
-  }
+inline void prefetch_next(const T* const* nxt, int64_t nn, int64_t h) {
+  for (int64_t j = 0; j < nn; ++j)
+    for (int64_t b = 0; b < 32 * static_cast<int64_t>(sizeof(T)); b += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(nxt[j] + h) + b, _MM_HINT_T0);
 }
 
 // Tokens [t0, t1) of out[t] = sum_j w[t,j] * y[dest[t,j]]. `nt`: non-temporal stores.
@@ -331,16 +324,13 @@ DISAGG_TARGET_AVX512 void combine_tokens_avx512(const T* y, int64_t hidden, cons
   const T** nxt = rows_b.data();
   float* cw = w_a.data();
   float* nw = w_b.data();
-  const int64_t row_bytes = hidden * static_cast<int64_t>(sizeof(T));
-  constexpr int64_t kChunk = 32 * sizeof(T);
   int64_t n = t0 < t1 ? token_rows(y, hidden, dest, weights, t0, k, cur, cw) : 0;
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t nn = t + 1 < t1 ? token_rows(y, hidden, dest, weights, t + 1, k, nxt, nw) : 0;
     O* o = out + t * hidden;
     for (int64_t h = 0; h < hidden; h += 32) {
       const __mmask32 m = h + 32 <= hidden ? 0xffffffffu : ((1u << (hidden - h)) - 1u);
-      prefetch_ahead(cur, n, nxt, nn, h * static_cast<int64_t>(sizeof(T)) + kCombinePrefetchBytes,
-                     kChunk, row_bytes);
+      prefetch_next(nxt, nn, h);
       constexpr bool kInterleaved = std::is_same<T, bf16_t>::value;
       __m512 alo = _mm512_setzero_ps(), ahi = _mm512_setzero_ps();
       for (int64_t j = 0; j < n; ++j) {
@@ -379,16 +369,13 @@ DISAGG_TARGET_AVX2 void combine_tokens_avx2(const T* y, int64_t hidden, const in
   const T** nxt = rows_b.data();
   float* cw = w_a.data();
   float* nw = w_b.data();
-  const int64_t row_bytes = hidden * static_cast<int64_t>(sizeof(T));
-  constexpr int64_t kChunk = 32 * sizeof(T);
   const int64_t full = hidden / 32 * 32;
   int64_t n = t0 < t1 ? token_rows(y, hidden, dest, weights, t0, k, cur, cw) : 0;
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t nn = t + 1 < t1 ? token_rows(y, hidden, dest, weights, t + 1, k, nxt, nw) : 0;
     O* o = out + t * hidden;
     for (int64_t h = 0; h < full; h += 32) {
-      prefetch_ahead(cur, n, nxt, nn, h * static_cast<int64_t>(sizeof(T)) + kCombinePrefetchBytes,
-                     kChunk, row_bytes);
+      prefetch_next(nxt, nn, h);
       __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
       for (int64_t j = 0; j < n; ++j) {
         __m256 x[4];
