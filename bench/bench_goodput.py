@@ -1,7 +1,8 @@
 """Goodput of disaggregated vs colocated serving at equal process count.
 
 For each worker count W (``--workers 2,4``) it starts the real server twice, each time with
-``1 + W`` processes (rank 0 = HTTP/router) and one OMP thread per process:
+``1 + W`` processes (rank 0 = HTTP/router) and one OMP thread per process, each worker pinned
+to a core of its own while there are cores enough (``--pin-cpus``):
 
 * disaggregated: ``--prefill P --decode W - P`` one-rank units (``--prefill`` sets P; default
   ``W - max(1, W // 4)``: a prefill-heavy workload wants most processes on prefill);
@@ -50,7 +51,7 @@ def start_server(model: str, mode: str, prefill: int, decode: int, extra: list,
     env.pop("RANK", None)
     cmd = [sys.executable, "-m", "disagg.serve", "--model", model, "--mode", mode,
            "--prefill", str(prefill), "--decode", str(decode), "--port", str(port),
-           "--threads-per-worker", "1", *extra]
+           "--threads-per-worker", "1", "--pin-cpus", *extra]
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     t0 = time.time()

@@ -220,10 +220,15 @@ def test_disconnects_free_blocks_in_both_pools(disagg_server):
 
 
 def test_colocated_equals_disaggregated(model, offline):
-    s = Server(model, mode="colocated", prefill=1, decode=1)
+    s = Server(model, "--pin-cpus", mode="colocated", prefill=1, decode=1)
     try:
         assert _greedy_ids(s, PROMPTS) == offline
         assert s.pool_blocks() == {"both": 0.0}
+        # --pin-cpus: worker rank r on CPU (r - 1) mod the CPUs the server may use
+        cpus = sorted(os.sched_getaffinity(0))
+        for rank in (1, 2):
+            want = {cpus[(rank - 1) % len(cpus)]}
+            assert os.sched_getaffinity(_rank_pid(s, rank)) == want
     finally:
         s.stop()
 

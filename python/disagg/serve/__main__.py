@@ -64,10 +64,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--startup-timeout", type=float, default=300.0)
     p.add_argument("--threads-per-worker", type=int, default=1,
                    help="torch intra-op threads per rank (1 = one core per process)")
+    p.add_argument("--pin-cpus", action="store_true",
+                   help="pin worker rank r to CPU (r - 1) mod the CPUs this process may use "
+                        "(rank 0, the HTTP front end, stays unpinned)")
     p.add_argument("--log-level", default="WARNING")
     from .spec_options import add_args as add_spec_args
     add_spec_args(p)
     return p
+
+
+def _pin_worker(rank: int, threads: int) -> None:
+    """Worker rank r takes `threads` CPUs starting at (r - 1) * threads, wrapping over the CPUs
+    this process may run on, so that workers do not migrate or share a core while there are
+    cores enough."""
+    if not hasattr(os, "sched_setaffinity"):
+        return
+    cpus = sorted(os.sched_getaffinity(0))
+    n = max(1, threads)
+    mine = {cpus[((rank - 1) * n + i) % len(cpus)] for i in range(n)}
+    os.sched_setaffinity(0, mine)
 
 
 def _free_port() -> int:
@@ -137,6 +152,8 @@ def main(argv=None) -> int:
     import torch
     import torch.distributed as dist
 
+    if args.pin_cpus and rank > 0:
+        _pin_worker(rank, args.threads_per_worker)
     torch.set_num_threads(max(1, args.threads_per_worker))
     dist.init_process_group("gloo", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=args.startup_timeout))
