@@ -164,6 +164,30 @@ def test_disaggregated_matches_offline_and_streams(disagg_server, offline):
     assert sent > 0
 
 
+def test_serve_bench_counts_every_token(disagg_server):
+    """The benchmark client's token counts (and so TPOT) come from the server's usage, also
+    when a streamed event carries no text (a byte-level token inside a UTF-8 character)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from disagg.bench import serve as sb
+
+    args = SimpleNamespace(url=disagg_server.url, model=None, api_key=None,
+                           endpoint="completions", dataset="random", random_input_len=24,
+                           random_output_len=9, random_range_ratio=0.0,
+                           prefill_heavy_fraction=0.0, long_input_len=0, num_prompts=6,
+                           burstiness=1.0, seed=5, timeout=60.0, slo_ttft_ms=None,
+                           slo_tpot_ms=None)
+    reqs = sb.make_requests(args)
+    results, dur = asyncio.run(sb._run_rate(args, sb._model(args), reqs, float("inf")))
+    assert [r.error for r in results] == [None] * len(reqs)
+    assert [r.output_tokens for r in results] == [mt for _, mt in reqs]
+    for r in results:
+        assert r.tpot == pytest.approx((r.e2e - r.ttft) / (r.output_tokens - 1))
+    s = sb.summarize(results, dur, args, float("inf"))
+    assert s["completed"] == len(reqs) and s["slo_attainment"] == 1.0
+
+
 def test_reliability_errors(disagg_server):
     s = disagg_server
     assert s.post("/v1/completions", b"{not json")[0] == 400
