@@ -62,3 +62,31 @@ def test_transformers_loads_and_generates():
     model = transformers.AutoModelForCausalLM.from_pretrained(str(MODELS_DIR / "default"),
                                                               dtype=torch.float32)
     assert torch.equal(model.generate(ids, do_sample=False, max_new_tokens=16), outs[0])
+
+
+def test_float32_run_keeps_bf16_experts_and_matches_transformers():
+    """Run in float32, the bf16 checkpoint's routed experts stay bf16 where the CPU kernel
+    widens them as it reads (AVX-512): the tokens equal those with float32 copies of the
+    experts and those of transformers in float32."""
+    from disagg import LLM, SamplingParams
+    from disagg.model.model import MoE
+
+    prompts = ["def fibonacci(n):", "import os\nimport sys\n", "The quick brown fox"]
+    sp = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    llm = LLM("default", dtype="float32")
+    moes = [layer.mlp for layer in llm.engine.model.layers if isinstance(layer.mlp, MoE)]
+    assert moes
+    narrow = MoE.FUSED_MAX_ROWS is None
+    assert {m.w13.dtype for m in moes} == {torch.bfloat16 if narrow else torch.float32}
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, sp)]
+    for m in moes:
+        m.w13, m.w2 = m.w13.float(), m.w2.float()
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, sp)] == got
+    tok = llm.get_tokenizer()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(MODELS_DIR / "default"),
+                                                           dtype=torch.float32)
+    for p, ids in zip(prompts, got):
+        x = torch.tensor([tok.encode(p)])
+        out = hf.generate(x, do_sample=False, max_new_tokens=32, min_new_tokens=32,
+                          pad_token_id=0)
+        assert out[0, x.shape[1]:].tolist() == ids

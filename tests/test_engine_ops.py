@@ -54,6 +54,29 @@ def test_moe_experts_matches_the_layout_path():
                                atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("T", [1, 5, 16, 70])
+def test_moe_experts_bf16_weights_with_float32_tokens(T):
+    """bf16 weights widen exactly: the same bits as with float32 copies of them."""
+    g = torch.Generator().manual_seed(T)
+    E, H, I, k = 6, 48, 40, 2
+    x = torch.randn(T, H, generator=g)
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+    ids[0, 1] = -1
+    w = torch.rand(T, k, generator=g)
+    w13 = (torch.randn(E, 2 * I, H, generator=g) * 0.2).bfloat16()
+    w2 = (torch.randn(E, H, I, generator=g) * 0.2).bfloat16()
+    out = ops.moe_experts(x, ids, w, w13, w2)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, ops.moe_experts(x, ids, w, w13.float(), w2.float()))
+    torch.testing.assert_close(out, reference.moe_experts(x, ids, w, w13, w2),
+                               atol=1e-4, rtol=1e-4)
+    torch.library.opcheck(torch.ops.disagg.moe_experts.default, (x, ids, w, w13, w2))
+    with pytest.raises(ValueError, match="w2 must be BFloat16"):
+        ops.moe_experts(x, ids, w, w13, w2.float())
+    with pytest.raises(ValueError, match="w13 must be"):
+        ops.moe_experts(x.bfloat16(), ids, w, w13.float(), w2)
+
+
 def test_moe_experts_all_dropped_and_int32():
     x, ids, w, w13, w2 = expert_inputs(idx=torch.int32)
     out = ops.moe_experts(x, ids, w, w13, w2)

@@ -19,11 +19,15 @@ at::Tensor moe_experts_cpu_op(const at::Tensor& x, const at::Tensor& ids,
   check_index(ids, op, "ids");
   check_dim(weights, 2, op, "weights", "[T, k]");
   check_float(weights, op, "weights");
+  // Weights in x's dtype, or bfloat16 weights with float32 x (widened exactly in the kernel).
+  const bool bf16_weights = x.scalar_type() == at::kFloat &&
+                            w13.scalar_type() == at::kBFloat16;
+  const at::ScalarType wt = bf16_weights ? at::kBFloat16 : x.scalar_type();
   check_dim(w13, 3, op, "w13", "[E, 2I, H]");
-  check_dtype(w13, x.scalar_type(), op, "w13");
+  check_dtype(w13, wt, op, "w13");
   check_contiguous(w13, op, "w13");
   check_dim(w2, 3, op, "w2", "[E, H, I]");
-  check_dtype(w2, x.scalar_type(), op, "w2");
+  check_dtype(w2, wt, op, "w2");
   check_contiguous(w2, op, "w2");
   check_same_device(x, ids, op, "ids");
   check_same_device(x, weights, op, "weights");
@@ -42,6 +46,20 @@ at::Tensor moe_experts_cpu_op(const at::Tensor& x, const at::Tensor& ids,
   at::Tensor x_c = x.contiguous(), ids_c = ids.contiguous();
   at::Tensor w_c = weights.to(at::kFloat).contiguous();
   at::Tensor out = at::empty({T, H}, x.options());
+  if (bf16_weights) {
+    const auto* xp = x_c.data_ptr<float>();
+    const auto* w13p = reinterpret_cast<const bf16_t*>(w13.data_ptr());
+    const auto* w2p = reinterpret_cast<const bf16_t*>(w2.data_ptr());
+    Status s = ids_c.scalar_type() == at::kInt
+                   ? moe_experts_cpu<float, int32_t, bf16_t>(
+                         xp, T, H, ids_c.data_ptr<int32_t>(), w_c.data_ptr<float>(), K, w13p,
+                         w2p, E, I, out.data_ptr<float>(), at::get_num_threads())
+                   : moe_experts_cpu<float, int64_t, bf16_t>(
+                         xp, T, H, ids_c.data_ptr<int64_t>(), w_c.data_ptr<float>(), K, w13p,
+                         w2p, E, I, out.data_ptr<float>(), at::get_num_threads());
+    check_status(s, op, "ids must be in [-1, E=" + std::to_string(E) + ")");
+    return out;
+  }
   Status s = DISAGG_DISPATCH_FLOAT(x.scalar_type(), op, [&] {
     const auto* xp = reinterpret_cast<const scalar_t*>(x_c.data_ptr());
     const auto* w13p = reinterpret_cast<const scalar_t*>(w13.data_ptr());

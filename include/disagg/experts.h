@@ -64,10 +64,13 @@ constexpr int64_t kTokBlock = 32;  // tokens whose activations stay in L1 across
 // Per expert, the tokens routed to it are processed together in tiles of 4 tokens x 4 weight
 // rows, so each used expert's weights are streamed once per call. Work is split over
 // (expert, row block) on up to `num_threads` OpenMP threads when there is enough of it.
+// The weights' type W may be narrower than the activations' T (bf16 weights of a checkpoint
+// run in float32): each weight is widened exactly, so the result equals the one computed with
+// float32 copies of the weights, for half the bytes streamed.
 // Returns kInvalidArgument (writing nothing) when an id is outside [-1, E).
-template <typename T, typename Idx>
+template <typename T, typename Idx, typename W = T>
 Status moe_experts_cpu(const T* x, int64_t Tn, int64_t H, const Idx* ids, const float* weights,
-                       int64_t K, const T* w13, const T* w2, int64_t E, int64_t I, T* out,
+                       int64_t K, const W* w13, const W* w2, int64_t E, int64_t I, T* out,
                        int num_threads = 1) {
   using namespace experts_detail;
   const int64_t A = Tn * K;  // assignments
@@ -84,7 +87,7 @@ Status moe_experts_cpu(const T* x, int64_t Tn, int64_t H, const Idx* ids, const 
   if (Tn > max_tok) {
     for (int64_t t0 = 0; t0 < Tn; t0 += max_tok) {
       const int64_t n = std::min(max_tok, Tn - t0);
-      const Status s = moe_experts_cpu<T, Idx>(x + t0 * H, n, H, ids + t0 * K, weights + t0 * K,
+      const Status s = moe_experts_cpu<T, Idx, W>(x + t0 * H, n, H, ids + t0 * K, weights + t0 * K,
                                                K, w13, w2, E, I, out + t0 * H, num_threads);
       if (s != Status::kOk) return s;
     }
@@ -126,7 +129,7 @@ Status moe_experts_cpu(const T* x, int64_t Tn, int64_t H, const Idx* ids, const 
   const int64_t tasks1 = static_cast<int64_t>(used.size()) * nb1;
   const int64_t tasks2 = static_cast<int64_t>(used.size()) * nb2;
   const bool parallel = num_threads > 1 &&
-                        static_cast<int64_t>(used.size()) * 3 * I * H * int64_t(sizeof(T)) >=
+                        static_cast<int64_t>(used.size()) * 3 * I * H * int64_t(sizeof(W)) >=
                             (int64_t(1) << 19);
 #pragma omp parallel num_threads(num_threads) if (parallel)
   {
@@ -135,16 +138,16 @@ Status moe_experts_cpu(const T* x, int64_t Tn, int64_t H, const Idx* ids, const 
     for (int64_t task = 0; task < tasks1; ++task) {
       const int64_t e = used[task / nb1];
       const int64_t j0 = (task % nb1) * rb1, j1 = std::min(I, j0 + rb1);
-      const T* we = w13 + e * 2 * I * H;
+      const W* we = w13 + e * 2 * I * H;
       // Token blocks keep their activation rows in L1 while the block's weight rows (in
       // L2 after the first block) go by; only the first block prefetches weights.
       for (int64_t tb = offs[e]; tb < offs[e + 1]; tb += kTokBlock) {
       const int64_t te = std::min(offs[e + 1], tb + kTokBlock);
       for (int64_t j = j0; j < j1; j += 2) {
         const int64_t j2 = std::min(j + 1, I - 1);  // odd I: the last pair repeats a row
-        const T* w[4] = {we + j * H, we + j2 * H, we + (I + j) * H, we + (I + j2) * H};
+        const W* w[4] = {we + j * H, we + j2 * H, we + (I + j) * H, we + (I + j2) * H};
         const int64_t jn = std::min(j + 4, I - 1), jn2 = std::min(j + 5, I - 1);
-        const T* pf[4] = {we + jn * H, we + jn2 * H, we + (I + jn) * H, we + (I + jn2) * H};
+        const W* pf[4] = {we + jn * H, we + jn2 * H, we + (I + jn) * H, we + (I + jn2) * H};
         for (int64_t t0 = tb; t0 < te; t0 += kTokTile) {
           const int nt = static_cast<int>(std::min<int64_t>(kTokTile, te - t0));
           const float* a[kTokTile];
@@ -173,12 +176,12 @@ Status moe_experts_cpu(const T* x, int64_t Tn, int64_t H, const Idx* ids, const 
     for (int64_t task = 0; task < tasks2; ++task) {
       const int64_t e = used[task / nb2];
       const int64_t m0 = (task % nb2) * rb2, m1 = std::min(H, m0 + rb2);
-      const T* we = w2 + e * H * I;
+      const W* we = w2 + e * H * I;
       for (int64_t tb = offs[e]; tb < offs[e + 1]; tb += kTokBlock) {
       const int64_t te = std::min(offs[e + 1], tb + kTokBlock);
       for (int64_t m = m0; m < m1; m += 4) {
-        const T* w[4];
-        const T* pf[4];
+        const W* w[4];
+        const W* pf[4];
         for (int r = 0; r < 4; ++r) {
           w[r] = we + std::min(m + r, H - 1) * I;
           pf[r] = we + std::min(m + 8 + r, H - 1) * I;

@@ -606,11 +606,13 @@ def moe_experts(
         Expert of each assignment (``route``'s ids); -1 = dropped (adds nothing).
     weights : Tensor [T, k]
         Weight of each assignment (``route``'s weights); computed in float32.
-    w13 : Tensor [E, 2I, H], x's dtype, contiguous
+    w13 : Tensor [E, 2I, H], x's dtype (or bfloat16 with float32 x), contiguous
         Per expert the gate projection's rows then the up projection's (HF's fused
         ``gate_up_proj`` layout; Mixtral's ``w1`` then ``w3``).
-    w2 : Tensor [E, H, I], x's dtype, contiguous
-        The down projection.
+    w2 : Tensor [E, H, I], w13's dtype, contiguous
+        The down projection. bfloat16 weights with float32 tokens (a bf16 checkpoint run in
+        float32) are widened exactly as they are read: the result equals the one with float32
+        copies of the weights, bit for bit, for half the bytes read.
 
     Returns
     -------

@@ -16,7 +16,10 @@ def _grouped_weights(moe):
     takes them), made once per layer and device."""
     cached = getattr(moe, "_gpu_grouped", None)
     if cached is None or cached[0].device != moe.w13.device:
-        cached = (moe.w13.transpose(1, 2).contiguous(), moe.w2.transpose(1, 2).contiguous())
+        # float32 copies of bf16 experts kept narrow for the CPU kernel (_expert_weight_dtype)
+        dt = moe.gate.dtype
+        cached = (moe.w13.transpose(1, 2).to(dt).contiguous(),
+                  moe.w2.transpose(1, 2).to(dt).contiguous())
         moe._gpu_grouped = cached
     return cached
 

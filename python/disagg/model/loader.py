@@ -83,6 +83,13 @@ class WeightStore:
     def has(self, name: str) -> bool:
         return name in self._where
 
+    def stored_dtype(self, name: str) -> Optional[torch.dtype]:
+        """The dtype ``name`` has in the checkpoint (None if absent or not a float type)."""
+        if name not in self._where:
+            return None
+        code = self._handles[self._where[name]].get_slice(name).get_dtype()
+        return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(code)
+
     def get(self, name: str, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         self.used.add(name)
         t = self._handles[self._where[name]].get_tensor(name)

@@ -114,6 +114,8 @@ class MoE:
             out = ops.moe_experts(x, r.ids, r.weights, self.w13, self.w2)
         else:
             w13t, w2t = self.w13.transpose(1, 2), self.w2.transpose(1, 2)
+            if w13t.dtype != x.dtype:  # bf16 experts of a float32 run (see _expert_weight_dtype)
+                w13t, w2t = w13t.to(x.dtype), w2t.to(x.dtype)
             cap = int(r.counts.max())
             if rows <= 512 and E * cap <= 2 * rows:
                 lay = ops.moe_layout(r.ids, E, capacity=cap, slots=r.slots)
@@ -135,6 +137,17 @@ class MoE:
         if self.shared is not None:
             out = out + torch.sigmoid(linear(x, self.shared_gate)) * self.shared(x)
         return out
+
+
+def _expert_weight_dtype(ws: WeightStore, names: list, dtype: torch.dtype, act):
+    """bfloat16 for the routed experts of a bf16 checkpoint run in float32 on a CPU whose
+    ``moe_experts`` kernel widens bf16 weights as it reads them (AVX-512, SiLU experts): the
+    products are exact, so the results are the float32 ones bit for bit, and decode streams
+    half the bytes. Otherwise the compute dtype."""
+    if (dtype == torch.float32 and act is F.silu and MoE.FUSED_MAX_ROWS is None
+            and all(ws.stored_dtype(n) == torch.bfloat16 for n in names if ws.has(n))):
+        return torch.bfloat16
+    return dtype
 
 
 def moe_weight_names(cfg: ModelConfig, ws: WeightStore, i: int):
@@ -307,14 +320,20 @@ class CausalLM:
         m, names = moe_weight_names(cfg, ws, i)
         gate = ws.require(m + "gate.weight")
         if ws.has(m + "experts.gate_up_proj"):
-            gate_up = ws.get(m + "experts.gate_up_proj")
-            down = ws.require(m + "experts.down_proj")
+            expert_names = [m + "experts.gate_up_proj", m + "experts.down_proj"]
         else:
             g, u, d = names
-            gate_up = torch.stack([torch.cat([ws.require(m + f"experts.{e}.{g}.weight"),
-                                              ws.require(m + f"experts.{e}.{u}.weight")])
+            expert_names = [m + f"experts.{e}.{n}.weight" for e in range(E) for n in (g, u, d)]
+        wdt = _expert_weight_dtype(ws, expert_names, ws.dtype, act)
+        if ws.has(m + "experts.gate_up_proj"):
+            gate_up = ws.get(m + "experts.gate_up_proj", wdt)
+            down = ws.require(m + "experts.down_proj", wdt)
+        else:
+            gate_up = torch.stack([torch.cat([ws.require(m + f"experts.{e}.{g}.weight", wdt),
+                                              ws.require(m + f"experts.{e}.{u}.weight", wdt)])
                                    for e in range(E)])
-            down = torch.stack([ws.require(m + f"experts.{e}.{d}.weight") for e in range(E)])
+            down = torch.stack([ws.require(m + f"experts.{e}.{d}.weight", wdt)
+                                for e in range(E)])
         shared = shared_gate = None
         if cfg.shared_expert_intermediate_size:
             s = m + "shared_expert."
