@@ -66,13 +66,14 @@ def demo_serving(rates, n: int, slo_ttft_ms: float, slo_tpot_ms: float, plot: st
 
     print("\n== Disaggregated vs colocated serving (3 processes each: HTTP/router + 2 workers) ==")
     print(f"  workload: {n} requests per rate, 35% with long prompts (up to 1024 tokens, capped by the context), the rest ~48; "
-          f"24 output tokens; SLOs TTFT <= {slo_ttft_ms:.0f} ms, TPOT <= {slo_tpot_ms:.0f} ms")
+          f"18-30 output tokens; workers pinned one per core; SLOs TTFT <= {slo_ttft_ms:g} ms, "
+          f"TPOT <= {slo_tpot_ms:g} ms")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         model = _serving_model(tmp)
         for mode in ("disaggregated", "colocated"):
             cfg = InferenceConfig(num_gpus=2, model=model, mode=mode,
-                                  extra_args=["--max-num-batched-tokens", "256"])
+                                  extra_args=["--max-num-batched-tokens", "256", "--pin-cpus"])
             t0 = time.perf_counter()
             with DisaggregatedInferenceSystem(cfg) as system:
                 system.setup_prefill_workers()
@@ -201,10 +202,11 @@ def main(argv=None) -> None:
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--experts", type=int, default=64)
     p.add_argument("--top-k", type=int, default=8)
-    p.add_argument("--rates", default="0.5,1,2", help="request rates swept by the serving demo")
-    p.add_argument("--num-prompts", type=int, default=16, help="requests per rate")
-    p.add_argument("--slo-ttft-ms", type=float, default=3000.0)
-    p.add_argument("--slo-tpot-ms", type=float, default=60.0)
+    p.add_argument("--rates", default="16,32,64,96",
+                   help="request rates swept by the serving demo")
+    p.add_argument("--num-prompts", type=int, default=64, help="requests per rate")
+    p.add_argument("--slo-ttft-ms", type=float, default=200.0)
+    p.add_argument("--slo-tpot-ms", type=float, default=2.0)
     p.add_argument("--plot", default=None, help="write the SLO attainment plot here (PNG)")
     p.add_argument("--skip-serving", action="store_true")
     args = p.parse_args(argv)
