@@ -22,11 +22,12 @@ if [ ! -f .venv-cuda/.disagg-deps-v2 ]; then
 fi
 command -v nvcc >/dev/null || { echo "[cuda-build] nvcc not found on PATH" >&2; exit 2; }
 start=$(date +%s)
-# Every KV and tree launcher for every dtype, without torch (minutes of nvcc: not in the CPU
+# Every KV, tree and layer launcher for every dtype, without torch (minutes of nvcc: not in the CPU
 # suite, which compiles the headers and the routing launchers).
-echo "[cuda-build] instantiating the KV and tree kernels (no torch)"
+echo "[cuda-build] instantiating the KV, tree and layer kernels (no torch)"
 tmp=$(mktemp -d)
 nvcc -std=c++17 -Iinclude -arch=sm_90a -c tests/cuda/instantiate_kv.cu tests/cuda/instantiate_tree.cu \
+  tests/cuda/instantiate_layers.cu \
   -odir "$tmp"
 rm -rf "$tmp"
 # A build directory of its own: the CPU build (scripts/setup.sh) keeps build/<wheel tag>.

@@ -54,3 +54,13 @@ def test_attention_kernels_instantiate(tmp_path):
            str(tmp_path / "attention.o")]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stdout}\n{res.stderr}"
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not installed (CUDA toolkit absent)")
+def test_layer_kernels_instantiate(tmp_path):
+    """RMSNorm, RoPE + cache write and tree attention launchers for every dtype, without torch."""
+    src = ROOT / "tests" / "cuda" / "instantiate_layers.cu"
+    cmd = [NVCC, "-std=c++17", f"-I{ROOT / 'include'}", "-arch=sm_90a", "-c", str(src), "-o",
+           str(tmp_path / "layers.o")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stdout}\n{res.stderr}"

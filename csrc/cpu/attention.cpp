@@ -47,27 +47,9 @@ at::Tensor paged_decode_attention_rope_cpu_op(const at::Tensor& qkv, const at::T
                                               const at::Tensor& ctx_lens, int64_t num_heads,
                                               double scale, int64_t sliding_window) {
   const char* op = "paged_decode_attention_rope";
-  check_dim(qkv, 2, op, "qkv", "[B, (Hq + 2 Hkv) * D]");
-  check_float(qkv, op, "qkv");
-  check_contiguous(qkv, op, "qkv");
-  check_paged_kv_cache(kv_cache, qkv.scalar_type(), op);
+  check_paged_decode_attention_rope(qkv, cos, sin, kv_cache, block_tables, ctx_lens, num_heads,
+                                    scale, sliding_window, op);
   const int64_t B = qkv.size(0), Hkv = kv_cache.size(3), D = kv_cache.size(4);
-  DISAGG_CHECK_VALUE(num_heads >= 1 && num_heads % Hkv == 0, op, "num_heads (", num_heads,
-                     ") must be a positive multiple of kv_cache heads (", Hkv, ")");
-  DISAGG_CHECK_VALUE(D % 2 == 0, op, "head_dim must be even for RoPE, got ", D);
-  DISAGG_CHECK_VALUE(qkv.size(1) == (num_heads + 2 * Hkv) * D, op, "qkv must have (",
-                     num_heads, " + 2 * ", Hkv, ") * ", D, " = ", (num_heads + 2 * Hkv) * D,
-                     " columns, got ", qkv.size(1));
-  for (const auto* t : {&cos, &sin}) {
-    const char* name = t == &cos ? "cos" : "sin";
-    check_dim(*t, 2, op, name, "[B, D]");
-    check_dtype(*t, qkv.scalar_type(), op, name);
-    check_same_device(qkv, *t, op, name);
-    DISAGG_CHECK_VALUE(t->size(0) == B && t->size(1) == D, op, name, " must be [", B, ", ", D,
-                       "], got ", t->sizes());
-  }
-  check_block_tables(qkv, kv_cache, block_tables, ctx_lens, B, op);
-  check_scale_window(scale, sliding_window, op);
   at::Tensor c = cos.contiguous(), s_ = sin.contiguous();
   at::Tensor bt = block_tables.contiguous(), cl = ctx_lens.contiguous();
   at::Tensor out = at::empty({B, num_heads, D}, qkv.options());

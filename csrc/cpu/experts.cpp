@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "layer_checks.h"
 #include "disagg/experts.h"
 
 namespace disagg {
@@ -13,36 +14,9 @@ at::Tensor moe_experts_cpu_op(const at::Tensor& x, const at::Tensor& ids,
                               const at::Tensor& weights, const at::Tensor& w13,
                               const at::Tensor& w2) {
   const char* op = "moe_experts";
-  check_dim(x, 2, op, "x", "[T, H]");
-  check_float(x, op, "x");
-  check_dim(ids, 2, op, "ids", "[T, k]");
-  check_index(ids, op, "ids");
-  check_dim(weights, 2, op, "weights", "[T, k]");
-  check_float(weights, op, "weights");
-  // Weights in x's dtype, or bfloat16 weights with float32 x (widened exactly in the kernel).
-  const bool bf16_weights = x.scalar_type() == at::kFloat &&
-                            w13.scalar_type() == at::kBFloat16;
-  const at::ScalarType wt = bf16_weights ? at::kBFloat16 : x.scalar_type();
-  check_dim(w13, 3, op, "w13", "[E, 2I, H]");
-  check_dtype(w13, wt, op, "w13");
-  check_contiguous(w13, op, "w13");
-  check_dim(w2, 3, op, "w2", "[E, H, I]");
-  check_dtype(w2, wt, op, "w2");
-  check_contiguous(w2, op, "w2");
-  check_same_device(x, ids, op, "ids");
-  check_same_device(x, weights, op, "weights");
-  check_same_device(x, w13, op, "w13");
-  check_same_device(x, w2, op, "w2");
+  const bool bf16_weights = check_moe_experts(x, ids, weights, w13, w2, op);
   const int64_t T = x.size(0), H = x.size(1), K = ids.size(1);
   const int64_t E = w13.size(0), I = w2.size(2);
-  DISAGG_CHECK_VALUE(ids.size(0) == T, op, "ids must have T=", T, " rows, got ", ids.size(0));
-  DISAGG_CHECK_VALUE(weights.size(0) == T && weights.size(1) == K, op, "weights must be [", T,
-                     ", ", K, "] like ids, got ", weights.sizes());
-  DISAGG_CHECK_VALUE(w13.size(2) == H, op, "w13 must be [E, 2I, H=", H, "], got ", w13.sizes());
-  DISAGG_CHECK_VALUE(w2.size(0) == E && w2.size(1) == H, op, "w2 must be [E=", E, ", H=", H,
-                     ", I], got ", w2.sizes());
-  DISAGG_CHECK_VALUE(w13.size(1) == 2 * I, op, "w13 must have 2I=", 2 * I,
-                     " rows per expert (I from w2), got ", w13.size(1));
   at::Tensor x_c = x.contiguous(), ids_c = ids.contiguous();
   at::Tensor w_c = weights.to(at::kFloat).contiguous();
   at::Tensor out = at::empty({T, H}, x.options());

@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "layer_checks.h"
 #include "disagg/linear.h"
 
 namespace disagg {
@@ -12,24 +13,10 @@ namespace {
 at::Tensor linear_cpu_op(const at::Tensor& x, const at::Tensor& weight,
                          const std::optional<at::Tensor>& bias) {
   const char* op = "linear";
-  check_float(x, op, "x");
-  DISAGG_CHECK_VALUE(x.dim() >= 1, op, "x must have at least 1 dim [..., K], got a scalar");
-  check_dim(weight, 2, op, "weight", "[M, K]");
-  check_dtype(weight, x.scalar_type(), op, "weight");
-  check_contiguous(weight, op, "weight");
-  check_same_device(x, weight, op, "weight");
+  check_linear(x, weight, bias, op);
   const int64_t K = x.size(-1), M = weight.size(0);
-  DISAGG_CHECK_VALUE(weight.size(1) == K, op, "weight must be [M, K=", K, "], got ",
-                     weight.sizes());
   at::Tensor b;
-  if (bias.has_value()) {
-    b = *bias;
-    check_dim(b, 1, op, "bias", "[M]");
-    check_dtype(b, x.scalar_type(), op, "bias");
-    check_same_device(x, b, op, "bias");
-    DISAGG_CHECK_VALUE(b.size(0) == M, op, "bias must have M=", M, " entries, got ", b.size(0));
-    b = b.contiguous();
-  }
+  if (bias.has_value()) b = bias->contiguous();
   at::Tensor x_c = x.contiguous();
   const int64_t N = K > 0 ? x.numel() / K : 0;
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());

@@ -3,24 +3,11 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "layer_checks.h"
 #include "disagg/norm.h"
 
 namespace disagg {
 namespace {
-
-void check_norm_args(const at::Tensor& x, const at::Tensor& weight, double eps, const char* op,
-                     const char* xname) {
-  check_float(x, op, xname);
-  DISAGG_CHECK_VALUE(x.dim() >= 1, op, xname, " must have at least 1 dim [..., H], got a scalar");
-  check_dim(weight, 1, op, "weight", "[H]");
-  check_dtype(weight, x.scalar_type(), op, "weight");
-  check_same_device(x, weight, op, "weight");
-  DISAGG_CHECK_VALUE(weight.size(0) == x.size(-1), op, "weight must have H=", x.size(-1),
-                     " entries, got ", weight.size(0));
-  DISAGG_CHECK_VALUE(x.size(-1) >= 1, op, xname, " must have a last dim >= 1");
-  DISAGG_CHECK_VALUE(eps >= 0.0 && std::isfinite(eps), op, "eps must be finite and >= 0, got ",
-                     eps);
-}
 
 at::Tensor rms_norm_cpu_op(const at::Tensor& x, const at::Tensor& weight, double eps) {
   const char* op = "rms_norm";
@@ -42,12 +29,7 @@ at::Tensor rms_norm_cpu_op(const at::Tensor& x, const at::Tensor& weight, double
 at::Tensor add_rms_norm_cpu_op(at::Tensor& residual, const at::Tensor& x,
                                const at::Tensor& weight, double eps) {
   const char* op = "add_rms_norm";
-  check_norm_args(residual, weight, eps, op, "residual");
-  check_contiguous(residual, op, "residual");
-  check_dtype(x, residual.scalar_type(), op, "x");
-  check_same_device(residual, x, op, "x");
-  DISAGG_CHECK_VALUE(x.sizes() == residual.sizes(), op, "x must have residual's shape ",
-                     residual.sizes(), ", got ", x.sizes());
+  check_add_rms_norm(residual, x, weight, eps, op);
   at::Tensor x_c = x.contiguous(), w_c = weight.contiguous();
   at::Tensor out = at::empty_like(residual);
   const int64_t H = residual.size(-1), N = residual.numel() / H;

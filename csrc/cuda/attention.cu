@@ -10,6 +10,7 @@
 #include "attention_checks.h"
 #include "checks.h"
 #include "disagg/attention.cuh"
+#include "disagg/layers.cuh"
 
 namespace disagg {
 namespace {
@@ -67,10 +68,44 @@ at::Tensor paged_decode_attention_cuda_op(const at::Tensor& q, const at::Tensor&
   return out;
 }
 
+// RoPE on q and k and the new K/V written at position ctx_lens - 1 (layers.cuh), then the
+// split-K decode kernel on the rotated q: two launches, no host synchronization.
+at::Tensor paged_decode_attention_rope_cuda_op(const at::Tensor& qkv, const at::Tensor& cos,
+                                               const at::Tensor& sin, at::Tensor& kv_cache,
+                                               const at::Tensor& block_tables,
+                                               const at::Tensor& ctx_lens, int64_t num_heads,
+                                               double scale, int64_t sliding_window) {
+  const char* op = "paged_decode_attention_rope";
+  check_paged_decode_attention_rope(qkv, cos, sin, kv_cache, block_tables, ctx_lens, num_heads,
+                                    scale, sliding_window, op);
+  const int64_t B = qkv.size(0), Hkv = kv_cache.size(3), D = kv_cache.size(4);
+  DISAGG_CHECK_VALUE(D <= att::kMaxHeadDim, op, "head_dim must be at most ", att::kMaxHeadDim,
+                     " on CUDA, got ", D);
+  c10::cuda::CUDAGuard guard(qkv.device());
+  if (B == 0) return at::empty({0, num_heads, D}, qkv.options());
+  const at::Tensor c = cos.contiguous(), s_ = sin.contiguous();
+  const at::Tensor bt = block_tables.to(at::kLong).contiguous();
+  const at::Tensor cl = ctx_lens.to(at::kLong).contiguous();
+  at::Tensor qs = at::empty({B, num_heads, D}, qkv.options());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cudaError_t err = DISAGG_DISPATCH_FLOAT(qkv.scalar_type(), op, [&] {
+    return cuda::layers::rope_write<scalar_t, int64_t>(
+        reinterpret_cast<const scalar_t*>(qkv.data_ptr()), B, num_heads, Hkv, D,
+        reinterpret_cast<const scalar_t*>(c.data_ptr()),
+        reinterpret_cast<const scalar_t*>(s_.data_ptr()),
+        reinterpret_cast<scalar_t*>(kv_cache.data_ptr()), kv_cache.size(0), kv_cache.size(2),
+        bt.data_ptr<int64_t>(), bt.size(1), cl.data_ptr<int64_t>(),
+        reinterpret_cast<scalar_t*>(qs.data_ptr()), stream);
+  });
+  check_cuda(err, op);
+  return paged_decode_attention_cuda_op(qs, kv_cache, bt, cl, scale, sliding_window);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(disagg, CUDA, m) {
   m.impl("paged_decode_attention", &paged_decode_attention_cuda_op);
+  m.impl("paged_decode_attention_rope", &paged_decode_attention_rope_cuda_op);
 }
 
 }  // namespace disagg

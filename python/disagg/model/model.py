@@ -102,15 +102,14 @@ class MoE:
         self.fused = act is F.silu
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda:  # grouped GEMMs, no host sync (model/gpu_experts.py)
-            from .gpu_experts import moe_forward_gpu
-
-            return moe_forward_gpu(self, x)
         logits = linear(x, self.gate)
         r = ops.route(logits, self.top_k, renormalize=self.renormalize)
         E, I, k = self.num_experts, self.inter, self.top_k
         rows = x.shape[0] * k
-        if self.fused and (self.FUSED_MAX_ROWS is None or rows <= self.FUSED_MAX_ROWS):
+        # On CUDA moe_experts is the layout -> permute -> grouped GEMMs -> combine composite
+        # of the library's CUDA ops, with no host sync.
+        if self.fused and (x.is_cuda or self.FUSED_MAX_ROWS is None
+                           or rows <= self.FUSED_MAX_ROWS):
             out = ops.moe_experts(x, r.ids, r.weights, self.w13, self.w2)
         else:
             w13t, w2t = self.w13.transpose(1, 2), self.w2.transpose(1, 2)
