@@ -2,11 +2,17 @@
 linear, moe_experts (with dropped assignments and bf16 weights under float32 tokens),
 paged_decode_attention_rope (output and the K/V it writes), paged_tree_attention (windows,
 query subsets, two mask words); opcheck on CUDA and the same errors as on the CPU."""
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 import disagg  # noqa: F401
 from disagg import ops
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from test_tree_attention import sample_inputs  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -112,39 +118,12 @@ def test_paged_decode_attention_rope_matches_cpu(dtype, B, Hq, Hkv, D, bs, windo
     assert torch.equal(c_dev.cpu(), c_cpu)
 
 
-def _tree_inputs(dtype, seed, B=4, Hq=8, Hkv=2, D=64, bs=8, max_ctx=120, max_nodes=40,
-                 subset=False):
-    g = gen(seed)
-    ctx = torch.randint(0, max_ctx, (B,), generator=g)
-    nodes = torch.randint(1, max_nodes, (B,), generator=g)
-    nodes[0] = max_nodes
-    N = int(nodes.max())
-    parents = torch.full((B, N), -1, dtype=torch.long)
-    for b in range(B):
-        n = int(nodes[b])
-        parents[b, :n] = torch.tensor([-1] + [int(torch.randint(0, i, (1,), generator=g))
-                                              for i in range(1, n)])
-    t = ops.tree_build(parents, nodes.to(torch.int32))
-    rows, offs = [], [0]
-    for b in range(B):
-        n = int(nodes[b])
-        first = int(torch.randint(0, n, (1,), generator=g)) if subset else 0
-        rows.append(t.mask[b, first:n])
-        offs.append(offs[-1] + n - first)
-    max_blocks = int(((ctx + nodes).max() + bs - 1) // bs) + 1
-    nb = B * max_blocks + 3
-    cache = torch.randn(nb, 2, bs, Hkv, D, generator=g).to(dtype)
-    tables = torch.randperm(nb, generator=g)[:B * max_blocks].view(B, max_blocks)
-    q = torch.randn(offs[-1], Hq, D, generator=g).to(dtype)
-    return (q, cache, tables.to(torch.int32), ctx.to(torch.int32), nodes.to(torch.int32),
-            torch.tensor(offs, dtype=torch.int32), torch.cat(rows))
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("window", [0, 3, 50])
 @pytest.mark.parametrize("subset", [False, True])
 def test_paged_tree_attention_matches_cpu(dtype, window, subset):
-    args = _tree_inputs(dtype, seed=window + 3 * subset, subset=subset)
+    args, _ = sample_inputs(dtype, D=64, bs=8, max_ctx=120, seed=window + 3 * subset,
+                            subset=subset)
     got = ops.paged_tree_attention(*[a.to(DEV) for a in args], 0.125, window).cpu()
     torch.testing.assert_close(got, ops.paged_tree_attention(*args, 0.125, window), **TOL[dtype])
     torch.library.opcheck(torch.ops.disagg.paged_tree_attention.default,
@@ -152,7 +131,7 @@ def test_paged_tree_attention_matches_cpu(dtype, window, subset):
 
 
 def test_bad_input_same_errors_as_cpu():
-    args = _tree_inputs(torch.float32, seed=1)
+    args, _ = sample_inputs(seed=1)
     bad = list(args)
     bad[4] = bad[4].clone()
     bad[4][0] = 1000  # tree_lens past the mask words
