@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads-per-worker", type=int, default=1,
                    help="torch intra-op threads per rank (1 = one core per process)")
     p.add_argument("--pin-cpus", action="store_true",
-                   help="pin worker rank r to CPU (r - 1) mod the CPUs this process may use "
+                   help="pin worker rank r to the --threads-per-worker CPUs starting at "
+                        "(r - 1) x threads, wrapping over the CPUs this process may use "
                         "(rank 0, the HTTP front end, stays unpinned)")
     p.add_argument("--log-level", default="WARNING")
     from .spec_options import add_args as add_spec_args
