@@ -15,38 +15,31 @@ at::Tensor moe_experts_cpu_op(const at::Tensor& x, const at::Tensor& ids,
                               const at::Tensor& w2) {
   const char* op = "moe_experts";
   const bool bf16_weights = check_moe_experts(x, ids, weights, w13, w2, op);
-  const int64_t T = x.size(0), H = x.size(1), K = ids.size(1);
+  const int64_t T_ = x.size(0), H = x.size(1), K = ids.size(1);
   const int64_t E = w13.size(0), I = w2.size(2);
   at::Tensor x_c = x.contiguous(), ids_c = ids.contiguous();
   at::Tensor w_c = weights.to(at::kFloat).contiguous();
-  at::Tensor out = at::empty({T, H}, x.options());
-  if (bf16_weights) {
-    const auto* xp = x_c.data_ptr<float>();
-    const auto* w13p = reinterpret_cast<const bf16_t*>(w13.data_ptr());
-    const auto* w2p = reinterpret_cast<const bf16_t*>(w2.data_ptr());
-    Status s = ids_c.scalar_type() == at::kInt
-                   ? moe_experts_cpu<float, int32_t, bf16_t>(
-                         xp, T, H, ids_c.data_ptr<int32_t>(), w_c.data_ptr<float>(), K, w13p,
-                         w2p, E, I, out.data_ptr<float>(), at::get_num_threads())
-                   : moe_experts_cpu<float, int64_t, bf16_t>(
-                         xp, T, H, ids_c.data_ptr<int64_t>(), w_c.data_ptr<float>(), K, w13p,
-                         w2p, E, I, out.data_ptr<float>(), at::get_num_threads());
-    check_status(s, op, "ids must be in [-1, E=" + std::to_string(E) + ")");
-    return out;
-  }
-  Status s = DISAGG_DISPATCH_FLOAT(x.scalar_type(), op, [&] {
-    const auto* xp = reinterpret_cast<const scalar_t*>(x_c.data_ptr());
-    const auto* w13p = reinterpret_cast<const scalar_t*>(w13.data_ptr());
-    const auto* w2p = reinterpret_cast<const scalar_t*>(w2.data_ptr());
-    auto* op_ = reinterpret_cast<scalar_t*>(out.data_ptr());
+  at::Tensor out = at::empty({T_, H}, x.options());
+  // One call for every (token type T, weight type W) pair: ids int32 or int64.
+  auto run = [&](auto t_tag, auto w_tag) {
+    using T = decltype(t_tag);
+    using W = decltype(w_tag);
+    const auto* xp = reinterpret_cast<const T*>(x_c.data_ptr());
+    const auto* w13p = reinterpret_cast<const W*>(w13.data_ptr());
+    const auto* w2p = reinterpret_cast<const W*>(w2.data_ptr());
+    auto* op_ = reinterpret_cast<T*>(out.data_ptr());
     if (ids_c.scalar_type() == at::kInt)
-      return moe_experts_cpu<scalar_t, int32_t>(xp, T, H, ids_c.data_ptr<int32_t>(),
-                                                w_c.data_ptr<float>(), K, w13p, w2p, E, I, op_,
-                                                at::get_num_threads());
-    return moe_experts_cpu<scalar_t, int64_t>(xp, T, H, ids_c.data_ptr<int64_t>(),
-                                              w_c.data_ptr<float>(), K, w13p, w2p, E, I, op_,
-                                              at::get_num_threads());
-  });
+      return moe_experts_cpu<T, int32_t, W>(xp, T_, H, ids_c.data_ptr<int32_t>(),
+                                            w_c.data_ptr<float>(), K, w13p, w2p, E, I, op_,
+                                            at::get_num_threads());
+    return moe_experts_cpu<T, int64_t, W>(xp, T_, H, ids_c.data_ptr<int64_t>(),
+                                          w_c.data_ptr<float>(), K, w13p, w2p, E, I, op_,
+                                          at::get_num_threads());
+  };
+  // bf16 weights under float32 tokens are widened in the kernel (see check_moe_experts).
+  Status s = bf16_weights ? run(float{}, bf16_t{})
+                          : DISAGG_DISPATCH_FLOAT(x.scalar_type(), op,
+                                                  [&] { return run(scalar_t{}, scalar_t{}); });
   check_status(s, op, "ids must be in [-1, E=" + std::to_string(E) + ")");
   return out;
 }

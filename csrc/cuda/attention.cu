@@ -9,6 +9,7 @@
 
 #include "attention_checks.h"
 #include "checks.h"
+#include "cuda/cuda_checks.h"
 #include "disagg/attention.cuh"
 #include "disagg/layers.cuh"
 
@@ -16,10 +17,6 @@ namespace disagg {
 namespace {
 
 namespace att = cuda::attention;
-
-void check_cuda(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, "disagg.", op, ": CUDA error: ", cudaGetErrorString(err));
-}
 
 int sm_count(int device) {
   int n = 0;

@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "cuda/cuda_checks.h"
 #include "expert_gemm_checks.h"
 #ifdef DISAGG_WITH_CUTLASS
 #include "cuda/cutlass/grouped_gemm.h"
@@ -52,7 +53,7 @@ at::Tensor expert_gemm_cuda_op(const at::Tensor& x, const at::Tensor& w,
           run(xc.data_ptr(), wc.data_ptr(), out.data_ptr(), off.data_ptr<int32_t>(),
               static_cast<int>(E), M, static_cast<int>(N), static_cast<int>(K), ws.data_ptr(),
               ws_bytes, c10::cuda::getCurrentCUDAStream());
-      TORCH_CHECK(err == cudaSuccess, "disagg.", op, ": CUDA error: ", cudaGetErrorString(err));
+      check_cuda(err, op);
       return out;
     }
   }

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "cuda/cuda_checks.h"
 #include "disagg/kv.cuh"
 #include "kv_checks.h"
 
@@ -24,10 +25,6 @@ namespace {
 using kv::CacheGeom;
 using kv::Quant;
 using namespace kv_checks;
-
-void check_cuda(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, "disagg.", op, ": CUDA error: ", cudaGetErrorString(err));
-}
 
 void run_pack(at::TensorList caches, const at::Tensor& block_table, const PackGeom& pl,
               uint8_t* out, const char* op) {

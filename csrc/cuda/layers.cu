@@ -11,6 +11,7 @@
 #include <tuple>
 
 #include "checks.h"
+#include "cuda/cuda_checks.h"
 #include "disagg/layers.cuh"
 #include "layer_checks.h"
 
@@ -18,10 +19,6 @@ namespace disagg {
 namespace {
 
 namespace dl = cuda::layers;
-
-void check_cuda(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, "disagg.", op, ": CUDA error: ", cudaGetErrorString(err));
-}
 
 at::Tensor rms_norm_cuda_op(const at::Tensor& x, const at::Tensor& weight, double eps) {
   const char* op = "rms_norm";

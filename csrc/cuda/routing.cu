@@ -12,15 +12,12 @@
 #include <tuple>
 
 #include "checks.h"
+#include "cuda/cuda_checks.h"
 #include "disagg/routing.cuh"
 #include "route_params.h"
 
 namespace disagg {
 namespace {
-
-void check_cuda(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, "disagg.", op, ": CUDA error: ", cudaGetErrorString(err));
-}
 
 void check_on_cuda(const at::Tensor& t, const char* op, const char* name) {
   DISAGG_CHECK_VALUE(t.is_cuda(), op, name, " must be a CUDA tensor, got ", t.device());

@@ -9,6 +9,7 @@
 
 #include "attention_checks.h"
 #include "checks.h"
+#include "cuda/cuda_checks.h"
 #include "disagg/tree_attention.cuh"
 #include "disagg/tree_attention.h"
 
@@ -60,7 +61,7 @@ at::Tensor paged_tree_attention_cuda_op(const at::Tensor& q, const at::Tensor& k
         static_cast<float>(scale), sliding_window, reinterpret_cast<scalar_t*>(out.data_ptr()),
         stream);
   });
-  TORCH_CHECK(err == cudaSuccess, "disagg.", op, ": CUDA error: ", cudaGetErrorString(err));
+  check_cuda(err, op);
   return out;
 }
 

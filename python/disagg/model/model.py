@@ -318,13 +318,12 @@ class CausalLM:
         E = cfg.num_experts
         m, names = moe_weight_names(cfg, ws, i)
         gate = ws.require(m + "gate.weight")
-        if ws.has(m + "experts.gate_up_proj"):
-            expert_names = [m + "experts.gate_up_proj", m + "experts.down_proj"]
-        else:
-            g, u, d = names
-            expert_names = [m + f"experts.{e}.{n}.weight" for e in range(E) for n in (g, u, d)]
+        fused = ws.has(m + "experts.gate_up_proj")
+        g, u, d = names
+        expert_names = ([m + "experts.gate_up_proj", m + "experts.down_proj"] if fused else
+                        [m + f"experts.{e}.{n}.weight" for e in range(E) for n in (g, u, d)])
         wdt = _expert_weight_dtype(ws, expert_names, ws.dtype, act)
-        if ws.has(m + "experts.gate_up_proj"):
+        if fused:
             gate_up = ws.get(m + "experts.gate_up_proj", wdt)
             down = ws.require(m + "experts.down_proj", wdt)
         else:
