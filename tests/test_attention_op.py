@@ -30,6 +30,19 @@ def test_matches_reference(dtype, idx, window):
     torch.testing.assert_close(out, ref, **TOL[dtype])
 
 
+# Head sizes 16/32/64/128 take register-resident kernels (G <= 8 query heads per KV head),
+# others and larger groups the general one; odd context lengths leave 1-3 keys after the
+# 4-key score tiles and an odd key after the 2-key value pairs.
+@pytest.mark.parametrize("D,Hq,Hkv", [(16, 8, 1), (32, 4, 2), (64, 6, 2), (128, 2, 2),
+                                      (48, 4, 2), (32, 16, 1)])
+def test_head_sizes_match_reference(D, Hq, Hkv):
+    for dtype in (torch.float32, torch.bfloat16):
+        q, cache, bt, lens = sample_inputs(dtype, B=6, Hq=Hq, Hkv=Hkv, D=D, seed=D + Hq)
+        out = ops.paged_decode_attention(q, cache, bt, lens, D ** -0.5)
+        ref = reference.paged_decode_attention(q, cache, bt, lens, D ** -0.5)
+        torch.testing.assert_close(out, ref, **TOL[dtype])
+
+
 def test_matches_sdpa_path():
     from disagg.model.attention import AttentionMetadata, decode_attention_sdpa
 

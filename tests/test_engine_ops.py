@@ -36,6 +36,23 @@ def test_moe_experts_matches_reference(dtype, shape):
     torch.testing.assert_close(out, ref, **TOL[dtype])
 
 
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [dict(H=128, inter=256), dict(H=37, inter=70),
+                                   dict(H=130, inter=33)])
+def test_moe_experts_many_tokens_equal_few(wdtype, shape):
+    # Experts with many tokens go through packed weight panels, a few tokens through
+    # dot-product tiles: the two compute every output with the same operations, so a token's
+    # result does not depend on how many tokens share its experts.
+    x, ids, w, w13, w2 = expert_inputs(T=150, E=4, k=2, seed=3, **shape)
+    w13, w2 = w13.to(wdtype), w2.to(wdtype)
+    out = ops.moe_experts(x, ids, w, w13, w2)
+    for t in (0, 1, 77, 149):
+        assert torch.equal(ops.moe_experts(x[t:t + 1], ids[t:t + 1], w[t:t + 1], w13, w2),
+                           out[t:t + 1])
+    torch.testing.assert_close(out, reference.moe_experts(x, ids, w, w13, w2), atol=1e-4,
+                               rtol=1e-4)
+
+
 def test_moe_experts_matches_the_layout_path():
     # The same result as route -> moe_layout -> moe_permute -> matmuls -> moe_combine.
     import torch.nn.functional as F
@@ -216,6 +233,23 @@ def test_linear_matches_reference(dtype, shape, with_bias):
     torch.testing.assert_close(out, reference.linear(x, w, b), **TOL[dtype])
     # a token's output does not depend on the rest of the batch
     assert torch.equal(ops.linear(x[-1:], w, b), out[-1:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(300, 256, 96), (40, 37, 70), (25, 130, 33)])
+def test_linear_many_tokens_equal_few(dtype, shape):
+    # From 24 tokens on the weight goes through packed panels; the outputs are the few-token
+    # path's bit for bit.
+    N, K, M = shape
+    g = torch.Generator().manual_seed(K + M)
+    x = torch.randn(N, K, generator=g).to(dtype)
+    w = (torch.randn(M, K, generator=g) / K ** 0.5).to(dtype)
+    b = torch.randn(M, generator=g).to(dtype)
+    for bias in (None, b):
+        out = ops.linear(x, w, bias)
+        for t in (0, N // 2, N - 1):
+            assert torch.equal(ops.linear(x[t:t + 1], w, bias), out[t:t + 1])
+        torch.testing.assert_close(out, reference.linear(x, w, bias), **TOL[dtype])
 
 
 def test_linear_shapes_threads_opcheck_compile():

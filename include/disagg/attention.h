@@ -79,6 +79,96 @@ DISAGG_AVX512 static void attend_avx512(const float* qf, int64_t G, int64_t D, c
     }
   }
 }
+
+// The same for D = 16 * DV: q rows in registers, no masks, and the probability-weighted
+// values for GB query heads at once from each V row read, two keys at a time into separate
+// accumulators (the FMA chains otherwise wait on each other's latency).
+template <int DV, int GB, typename T>
+DISAGG_AVX512 static void weigh_values(const float* s, int64_t n, const T* const* vp,
+                                       const float* inv, T* o, int64_t o_stride) {
+  __m512 a0[GB][DV], a1[GB][DV];
+  for (int g = 0; g < GB; ++g)
+    for (int v = 0; v < DV; ++v) a0[g][v] = a1[g][v] = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + 2 <= n; j += 2) {
+    __m512 v0[DV], v1[DV];
+    for (int v = 0; v < DV; ++v) {
+      v0[v] = v512::load(vp[j] + 16 * v);
+      v1[v] = v512::load(vp[j + 1] + 16 * v);
+    }
+    for (int g = 0; g < GB; ++g) {
+      const __m512 p0 = _mm512_set1_ps(s[g * n + j]), p1 = _mm512_set1_ps(s[g * n + j + 1]);
+      for (int v = 0; v < DV; ++v) {
+        a0[g][v] = _mm512_fmadd_ps(p0, v0[v], a0[g][v]);
+        a1[g][v] = _mm512_fmadd_ps(p1, v1[v], a1[g][v]);
+      }
+    }
+  }
+  if (j < n) {
+    for (int v = 0; v < DV; ++v) {
+      const __m512 vv = v512::load(vp[j] + 16 * v);
+      for (int g = 0; g < GB; ++g)
+        a0[g][v] = _mm512_fmadd_ps(_mm512_set1_ps(s[g * n + j]), vv, a0[g][v]);
+    }
+  }
+  for (int g = 0; g < GB; ++g)
+    for (int v = 0; v < DV; ++v)
+      v512::store(o + g * o_stride + 16 * v,
+                  _mm512_mul_ps(_mm512_add_ps(a0[g][v], a1[g][v]), _mm512_set1_ps(inv[g])),
+                  static_cast<__mmask16>(0xffff));
+}
+
+template <int DV, typename T>
+DISAGG_AVX512 static void attend_dv(const float* qf, int64_t G, const T* const* kp,
+                                    const T* const* vp, int64_t n, float* s, T* o,
+                                    int64_t o_stride) {
+  constexpr int64_t D = 16 * DV;
+  float inv[8];
+  for (int64_t g = 0; g < G; ++g) {
+    __m512 q[DV];
+    for (int v = 0; v < DV; ++v) q[v] = _mm512_loadu_ps(qf + g * D + 16 * v);
+    float* sg = s + g * n;
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+      __m512 a0 = _mm512_mul_ps(q[0], v512::load(kp[i]));
+      __m512 a1 = _mm512_mul_ps(q[0], v512::load(kp[i + 1]));
+      __m512 a2 = _mm512_mul_ps(q[0], v512::load(kp[i + 2]));
+      __m512 a3 = _mm512_mul_ps(q[0], v512::load(kp[i + 3]));
+      for (int v = 1; v < DV; ++v) {
+        a0 = _mm512_fmadd_ps(q[v], v512::load(kp[i] + 16 * v), a0);
+        a1 = _mm512_fmadd_ps(q[v], v512::load(kp[i + 1] + 16 * v), a1);
+        a2 = _mm512_fmadd_ps(q[v], v512::load(kp[i + 2] + 16 * v), a2);
+        a3 = _mm512_fmadd_ps(q[v], v512::load(kp[i + 3] + 16 * v), a3);
+      }
+      _mm_storeu_ps(sg + i, v512::reduce4(a0, a1, a2, a3));
+    }
+    for (; i < n; ++i) {
+      __m512 a0 = _mm512_mul_ps(q[0], v512::load(kp[i]));
+      for (int v = 1; v < DV; ++v) a0 = _mm512_fmadd_ps(q[v], v512::load(kp[i] + 16 * v), a0);
+      sg[i] = _mm512_reduce_add_ps(a0);
+    }
+    __m512 mx = _mm512_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < n; j += 16)
+      mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY),
+                                                  v512::tail_mask(n - j), sg + j));
+    const __m512 mv = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; j += 16) {
+      const __mmask16 m = v512::tail_mask(n - j);
+      const __m512 e = _mm512_maskz_mov_ps(
+          m, v512::exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sg + j), mv)));
+      _mm512_mask_storeu_ps(sg + j, m, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    inv[g] = 1.f / _mm512_reduce_add_ps(sum);
+  }
+  // As many query heads per pass as keep the accumulators (2 * GB * DV) in registers.
+  constexpr int GB = DV == 1 ? 8 : DV == 2 ? 4 : DV == 4 ? 2 : 1;
+  int64_t g = 0;
+  for (; g + GB <= G; g += GB)
+    weigh_values<DV, GB>(s + g * n, n, vp, inv + g, o + g * o_stride, o_stride);
+  for (; g < G; ++g) weigh_values<DV, 1>(s + g * n, n, vp, inv + g, o + g * o_stride, o_stride);
+}
 #endif
 
 }  // namespace attn_detail
@@ -135,14 +225,25 @@ Status paged_decode_attention_cpu(const T* q, int64_t B, int64_t Hq, int64_t D, 
           qf[g * D + d] = to_float(q[(b * Hq + h * G + g) * D + d]) * scale;
       const T** kp = pbuf.data();
       const T** vp = kp + n;
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t p = start + i;
-        kp[i] = cache + static_cast<int64_t>(table[p / block_size]) * blk_stride +
-                (p % block_size) * row + h * D;
-        vp[i] = kp[i] + kv_stride;
+      for (int64_t i = 0; i < n;) {  // block by block: no division per key
+        const int64_t p = start + i, off = p % block_size;
+        const int64_t run = std::min(block_size - off, n - i);
+        const T* base = cache + static_cast<int64_t>(table[p / block_size]) * blk_stride +
+                        off * row + h * D;
+        for (int64_t r = 0; r < run; ++r, ++i) {
+          kp[i] = base + r * row;
+          vp[i] = kp[i] + kv_stride;
+        }
       }
-      attn_detail::attend_avx512<T>(qf, G, D, kp, vp, n, qf + G * D, out + (b * Hq + h * G) * D,
-                                    D);
+      T* o = out + (b * Hq + h * G) * D;
+      float* sc = qf + G * D;
+      switch (G <= 8 ? D : 0) {  // head sizes with a register-resident kernel
+        case 16: attn_detail::attend_dv<1, T>(qf, G, kp, vp, n, sc, o, D); break;
+        case 32: attn_detail::attend_dv<2, T>(qf, G, kp, vp, n, sc, o, D); break;
+        case 64: attn_detail::attend_dv<4, T>(qf, G, kp, vp, n, sc, o, D); break;
+        case 128: attn_detail::attend_dv<8, T>(qf, G, kp, vp, n, sc, o, D); break;
+        default: attn_detail::attend_avx512<T>(qf, G, D, kp, vp, n, sc, o, D);
+      }
       continue;
     }
 #endif

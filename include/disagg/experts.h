@@ -50,8 +50,15 @@ static inline void silu_mul(bool avx512, float* g, const float* u, int64_t n) {
   silu_mul_scalar(g, u, n);
 }
 
-using dot_tile_detail::dot_tile;
-using dot_tile_detail::kTokTile;
+using namespace dot_tile_detail;
+
+// Per-thread scratch for one packed panel of n-long rows.
+inline float* panel_buf(int64_t n) {
+  thread_local std::vector<float> buf;
+  const size_t need = static_cast<size_t>(dot_tile_detail::panel_scratch_floats(n));
+  if (buf.size() < need) buf.resize(need);
+  return buf.data();
+}
 constexpr int64_t kTokBlock = 32;  // tokens whose activations stay in L1 across a row block
 
 }  // namespace experts_detail
@@ -139,6 +146,30 @@ Status moe_experts_cpu(const T* x, int64_t Tn, int64_t H, const Idx* ids, const 
       const int64_t e = used[task / nb1];
       const int64_t j0 = (task % nb1) * rb1, j1 = std::min(I, j0 + rb1);
       const W* we = w13 + e * 2 * I * H;
+#if DISAGG_HAVE_AVX512_PATH
+      if (avx512 && offs[e + 1] - offs[e] >= kPanelMinTokens) {
+        // Many tokens: the same sums through packed 32-row panels (see dot_tile.h).
+        float* wp = panel_buf(H);
+        const int64_t base = offs[e];
+        for (int64_t p0 = j0; p0 < j1; p0 += kPanelRows) {
+          const int64_t nr = std::min<int64_t>(kPanelRows, j1 - p0);
+          for (int half = 0; half < 2; ++half) {  // gate rows, then up rows
+            pack_panel_512<kPanelR>(we + half * I * H, I, H, p0, wp);
+            // packed next: these rows of the up half, or the gate half's next rows
+            const int64_t nxt = half == 0 ? I + p0 : p0 + kPanelRows;
+            const int64_t nxt_rows = std::min<int64_t>(kPanelRows, (half == 0 ? 2 * I : I) - nxt);
+            panel_gemm(
+                offs[e + 1] - base, H, wp,
+                [&](int64_t t) { return xrow0 + (order[base + t] / K) * H; },
+                [&](int64_t t, const float* v) {
+                  float* ar = act + order[base + t] * 2 * I + half * I + p0;
+                  for (int64_t r = 0; r < nr; ++r) ar[r] = v[r];
+                },
+                we + nxt * H, std::max<int64_t>(0, nxt_rows) * H * int64_t(sizeof(W)));
+          }
+        }
+      } else
+#endif
       // Token blocks keep their activation rows in L1 while the block's weight rows (in
       // L2 after the first block) go by; only the first block prefetches weights.
       for (int64_t tb = offs[e]; tb < offs[e + 1]; tb += kTokBlock) {
@@ -177,6 +208,26 @@ Status moe_experts_cpu(const T* x, int64_t Tn, int64_t H, const Idx* ids, const 
       const int64_t e = used[task / nb2];
       const int64_t m0 = (task % nb2) * rb2, m1 = std::min(H, m0 + rb2);
       const W* we = w2 + e * H * I;
+#if DISAGG_HAVE_AVX512_PATH
+      if (avx512 && offs[e + 1] - offs[e] >= kPanelMinTokens) {
+        float* wp = panel_buf(I);
+        const int64_t base = offs[e];
+        for (int64_t p0 = m0; p0 < m1; p0 += kPanelRows) {
+          const int64_t nr = std::min<int64_t>(kPanelRows, m1 - p0);
+          pack_panel_512<kPanelR>(we, H, I, p0, wp);
+          const int64_t nxt_rows = std::min<int64_t>(kPanelRows, H - (p0 + kPanelRows));
+          panel_gemm(
+              offs[e + 1] - base, I, wp,
+              [&](int64_t t) { return static_cast<const float*>(act + order[base + t] * 2 * I); },
+              [&](int64_t t, const float* v) {
+                float* yr = y + order[base + t] * H + p0;
+                for (int64_t r = 0; r < nr; ++r) yr[r] = v[r];
+              },
+              we + (p0 + kPanelRows) * I, std::max<int64_t>(0, nxt_rows) * I * int64_t(sizeof(W)));
+        }
+        continue;
+      }
+#endif
       for (int64_t tb = offs[e]; tb < offs[e + 1]; tb += kTokBlock) {
       const int64_t te = std::min(offs[e + 1], tb + kTokBlock);
       for (int64_t m = m0; m < m1; m += 4) {

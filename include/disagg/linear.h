@@ -37,6 +37,36 @@ Status linear_cpu(const T* x, int64_t N, int64_t K, const T* w, int64_t M, const
   constexpr int64_t RB = 64, TB = 64;
   const int64_t nrb = (M + RB - 1) / RB, ntb = (N + TB - 1) / TB;
   const bool parallel = num_threads > 1 && nrb * ntb > 1 && N * M * K >= (int64_t(1) << 20);
+#if DISAGG_HAVE_AVX512_PATH
+  if (avx512 && N >= kPanelMinTokens) {
+    // Many tokens: packed panels of 32 rows, each reused by up to 256 tokens.
+    constexpr int64_t PTB = 256;
+    const int64_t npb = (M + kPanelRows - 1) / kPanelRows, nptb = (N + PTB - 1) / PTB;
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (parallel)
+    for (int64_t task = 0; task < npb * nptb; ++task) {
+      const int64_t m0 = (task % npb) * kPanelRows, n0 = (task / npb) * PTB;
+      const int nr = static_cast<int>(std::min<int64_t>(kPanelRows, M - m0));
+      thread_local std::vector<float> wp;
+      if (wp.size() < static_cast<size_t>(panel_scratch_floats(K)))
+        wp.resize(panel_scratch_floats(K));
+      pack_panel_512<kPanelR>(w, M, K, m0, wp.data());
+      float b[kPanelRows] = {};
+      if (bias != nullptr)
+        for (int r = 0; r < nr; ++r) b[r] = to_float(bias[m0 + r]);
+      panel_gemm(
+          std::min(PTB, N - n0), K, wp.data(),
+          [&](int64_t t) { return xf + (n0 + t) * K; },
+          [&](int64_t t, const float* v) {
+            T* orow = out + (n0 + t) * M + m0;
+            for (int r = 0; r < nr; ++r) orow[r] = from_float<T>(v[r] + b[r]);
+          },
+          w + (m0 + kPanelRows) * K,
+          std::max<int64_t>(0, std::min<int64_t>(kPanelRows, M - m0 - kPanelRows)) * K *
+              int64_t(sizeof(T)));
+    }
+    return Status::kOk;
+  }
+#endif
 #pragma omp parallel for schedule(static) num_threads(num_threads) if (parallel)
   for (int64_t task = 0; task < nrb * ntb; ++task) {
     const int64_t m0 = (task % nrb) * RB, m1 = std::min(M, m0 + RB);

@@ -14,6 +14,7 @@ from typing import Callable, Optional, Union
 import torch
 
 from ..model import AttentionMetadata, CausalLM, resolve_model_path
+from ..model.attention import long_tensor
 from .request import Request, RequestOutput, Status
 from .sampling import SamplingParams, apply_penalties, sample_row
 from .scheduler import ScheduledSeq, Scheduler, SchedulerConfig
@@ -342,7 +343,7 @@ class Engine:
         row = 0
         for s in sched:
             end = s.start + s.num_new
-            blocks = self.kv.block_ids(s.req.request_id)
+            blocks = self.kv.block_ids_view(s.req.request_id)
             plan = plans.get(id(s))
             if plan is not None:
                 # Node i's KV goes to position ctx + i; its RoPE position is ctx + depth.
@@ -375,13 +376,12 @@ class Engine:
         self.stats["steps"] += 1
         t0 = time.perf_counter()
         try:
-            meta = AttentionMetadata.build(seqs, bs, torch.tensor(slots, dtype=torch.long),
+            meta = AttentionMetadata.build(seqs, bs, long_tensor(slots),
                                            self.model.config.sliding_window)
             # Every row sampled (a decode-only step): no row selection before the LM head.
             wanted = None if len(rows) == row and rows[-1] == row - 1 else \
-                torch.tensor(rows, dtype=torch.long)
-            logits = self.model.forward(torch.tensor(ids, dtype=torch.long),
-                                        torch.tensor(pos, dtype=torch.long), meta,
+                long_tensor(rows)
+            logits = self.model.forward(long_tensor(ids), long_tensor(pos), meta,
                                         self.kv.caches, wanted)
         except Exception as e:  # a failed forward fails its batch, not the engine
             log.exception("forward failed")
@@ -391,14 +391,14 @@ class Engine:
             return outputs
         for s in sched:
             s.req.num_computed += s.num_new
-        # Rows of logits per sampled sequence: one, or one per tree node.
-        spans, r = [], 0
-        for s in sampled:
-            n = len(plans[id(s)].tree) if id(s) in plans else 1
-            spans.append((r, n))
-            r += n
         new_tokens: list = [None] * len(sampled)
         if plans:
+            # Rows of logits per sampled sequence: one, or one per tree node.
+            spans, r = [], 0
+            for s in sampled:
+                n = len(plans[id(s)].tree) if id(s) in plans else 1
+                spans.append((r, n))
+                r += n
             self.spec.metrics.verify_s += time.perf_counter() - t0
             ks = [k for k, s in enumerate(sampled) if id(s) in plans]
             try:
@@ -416,10 +416,12 @@ class Engine:
                 new_tokens[k] = toks
                 # The root was counted above; the accepted drafts' KV is now in place too.
                 sampled[k].req.num_computed += max(0, len(toks) - 1)
-        plain = [k for k in range(len(sampled)) if new_tokens[k] is None]
+            plain = [k for k in range(len(sampled)) if new_tokens[k] is None]
+        else:
+            plain = range(len(sampled))  # one row of logits each, in order
         if plain:
-            sel = torch.tensor([spans[k][0] for k in plain], dtype=torch.long)
-            plain_logits = logits[sel] if plans else logits
+            plain_logits = logits[torch.tensor([spans[k][0] for k in plain], dtype=torch.long)] \
+                if plans else logits
             greedy = plain_logits.argmax(-1).tolist()
         now = time.perf_counter()
         for j, k in enumerate(plain):

@@ -137,6 +137,11 @@ class PagedKVCache:
         """The request's block ids as a Python list (a copy)."""
         return list(self._get(req_id).blocks)
 
+    def block_ids_view(self, req_id: Hashable) -> list:
+        """The request's block ids without a copy: read it, never change it, and read it
+        again after the next ``append``/``free`` (the engine's per-step hot path)."""
+        return self._get(req_id).blocks
+
     def slot_mapping(self, req_id: Hashable, start: int = 0, end: Optional[int] = None) -> torch.Tensor:
         """Flat slots ``block * block_size + offset`` of token positions ``[start, end)``.
 
@@ -187,6 +192,11 @@ class PagedKVCache:
         r = self._get(req_id)
         if num_tokens < 0:
             raise ValueError(f"PagedKVCache.append: num_tokens must be >= 0, got {num_tokens}")
+        # Decode's common case: the tokens fit the partly filled, unshared last block.
+        fill = r.num_tokens % self.block_size
+        if fill and fill + num_tokens <= self.block_size and self._refcount[r.blocks[-1]] == 1:
+            r.num_tokens += num_tokens
+            return
         need = self._append_need(r, num_tokens)
         if need > len(self._free):
             raise OutOfBlocksError(need, len(self._free), f"append({req_id!r}, {num_tokens})")

@@ -6,6 +6,7 @@ then decode rows attend in one batched call and each prefill chunk attends on it
 """
 from __future__ import annotations
 
+import array
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -13,6 +14,14 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
+
+
+def long_tensor(values: list) -> torch.Tensor:
+    """int64 tensor of a list of ints through a C array: 2-4x faster than ``torch.tensor`` on
+    the short lists a step builds (several per step, every step)."""
+    if not values:
+        return torch.empty(0, dtype=torch.int64)
+    return torch.frombuffer(array.array("q", values), dtype=torch.int64)
 
 
 @dataclass
@@ -113,15 +122,18 @@ class AttentionMetadata:
         meta.num_decode = nd
         if nd:
             ctx = [s[1] for s in seqs[:nd]]
-            max_blocks = max((c + block_size - 1) // block_size for c in ctx)
-            table = []
+            max_blocks = (max(ctx) + block_size - 1) // block_size
+            flat: list = []  # one flat list: torch.tensor is much slower on nested ones
             for s in seqs[:nd]:
                 t = s[2]
-                t = t.tolist() if isinstance(t, torch.Tensor) else list(t)
-                t = t[:max_blocks]
-                table.append(t + [0] * (max_blocks - len(t)))
-            meta.decode_block_tables = torch.tensor(table, dtype=torch.int64)
-            meta.decode_ctx_lens = torch.tensor(ctx, dtype=torch.int64)
+                t = t.tolist() if isinstance(t, torch.Tensor) else t
+                if len(t) >= max_blocks:
+                    flat += t[:max_blocks]
+                else:
+                    flat += t
+                    flat += [0] * (max_blocks - len(t))
+            meta.decode_block_tables = long_tensor(flat).view(nd, max_blocks)
+            meta.decode_ctx_lens = long_tensor(ctx)
         row = nd
         for s in seqs[nd:]:
             q_len, ctx_len, table = s[:3]
