@@ -59,9 +59,13 @@ def test_outputs_do_not_depend_on_the_batch(ckpt):
     assert [o.outputs[0].token_ids for o in outs[:3]] == seeded
 
 
-def test_equal_length_prompts_batched_in_one_attention_call(ckpt):
-    # Consecutive whole prompts of one length share a batched causal SDPA call; a prompt of
-    # another length in between splits the run. Tokens match each prompt run alone.
+def test_equal_length_prompts_batched_in_one_attention_call(ckpt, monkeypatch):
+    # On the SDPA path (contexts over ROW_ATTN_MAX_CTX) consecutive whole prompts of one
+    # length share a batched causal SDPA call; a prompt of another length in between splits
+    # the run. Tokens match each prompt run alone.
+    from disagg.model.attention import AttentionMetadata
+
+    monkeypatch.setattr(AttentionMetadata, "ROW_ATTN_MAX_CTX", 0)
     ps = prompts(4, seed=3, lo=17, hi=18) + prompts(1, seed=4, lo=9, hi=10) + \
         prompts(3, seed=5, lo=17, hi=18)
     alone = run_alone(ckpt, ps, max_tokens=10, **GREEDY)
@@ -69,6 +73,35 @@ def test_equal_length_prompts_batched_in_one_attention_call(ckpt):
     outs = llm.generate([{"prompt_token_ids": p} for p in ps], SamplingParams(max_tokens=10,
                                                                               **GREEDY))
     assert [o.outputs[0].token_ids for o in outs] == alone
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_row_attention_equals_the_sdpa_path(ckpt, monkeypatch, window):
+    # Steps whose contexts fit ROW_ATTN_MAX_CTX attend row by row through the paged decode op
+    # (prefill chunks with earlier context and decode rows in one call); above it, or with it
+    # set to 0, through write_kv + SDPA. Same tokens, logits within float rounding.
+    from disagg.model.attention import AttentionMetadata
+
+    ps = prompts(5, seed=7, lo=10, hi=45)
+
+    def run():
+        llm = LLM(ckpt, dtype="float32", max_num_seqs=4, max_num_batched_tokens=24,
+                  block_size=4)
+        llm.engine.model.config.sliding_window = window
+        got = []
+        fwd = llm.engine.model.forward
+        llm.engine.model.forward = lambda *a, **k: got.append(fwd(*a, **k)) or got[-1]
+        outs = llm.generate([{"prompt_token_ids": p} for p in ps],
+                            SamplingParams(max_tokens=12, **GREEDY))
+        return [o.outputs[0].token_ids for o in outs], got
+
+    rows, rows_logits = run()
+    monkeypatch.setattr(AttentionMetadata, "ROW_ATTN_MAX_CTX", 0)
+    sdpa, sdpa_logits = run()
+    assert rows == sdpa
+    assert len(rows_logits) == len(sdpa_logits)
+    for a, b in zip(rows_logits, sdpa_logits):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 def test_no_leaked_blocks_after_random_aborts_and_preemption(ckpt):

@@ -213,15 +213,17 @@ class DecoderLayer:
         output) and its normalised input ``x``; returns the MLP output, which the caller adds
         to ``h`` together with the next norm (one ``add_rms_norm``).
 
-        ``decode_rope``: HF's ``(cos, sin)`` for a step of decode tokens only; the attention
-        is then one ``paged_decode_attention_rope`` call from the fused projection."""
+        ``decode_rope``: HF's ``(cos, sin)`` of every row when ``meta.row_attention()``
+        describes the step (each row a query over its sequence's first keys); the attention is
+        then one ``paged_decode_attention_rope`` call from the fused projection."""
         w = self.w
         N = x.shape[0]
         if decode_rope is not None and self.fused_decode:
             qkv = linear(x, w["qkv"], w.get("qkv_bias"))
+            tables, ctx = meta.row_attention()
             a = ops.paged_decode_attention_rope(
-                qkv, decode_rope[0], decode_rope[1], cache, meta.decode_block_tables,
-                meta.decode_ctx_lens, self.nh, self.scale, meta.sliding_window or 0)
+                qkv, decode_rope[0], decode_rope[1], cache, tables, ctx, self.nh, self.scale,
+                meta.sliding_window or 0)
         else:
             q, k, v = self.qkv_rope(x, cos, sin)
             a = paged_attention(q, k, v, cache, meta, self.scale)
@@ -363,8 +365,8 @@ class CausalLM:
         h = self.embed[input_ids]  # a fresh tensor: the residual stream, updated in place
         N = h.shape[0]
         decode_rope = cos = sin = None
-        if N and meta.num_decode == N and not meta.prefills:
-            # every row a decode token at the end of its sequence: its position is ctx_len - 1
+        if N and self._all_fused_decode and meta.row_attention() is not None:
+            # every row a query at the end of its sequence's keys: its position is ctx_len - 1
             decode_rope = self.rope.cos_sin_hf(positions, self.dtype,
                                                int(positions.max()))
         if decode_rope is None or not self._all_fused_decode:
