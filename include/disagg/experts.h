@@ -148,7 +148,7 @@ Status moe_experts_cpu(const T* x, int64_t Tn, int64_t H, const Idx* ids, const 
       const W* we = w13 + e * 2 * I * H;
 #if DISAGG_HAVE_AVX512_PATH
       if (avx512 && offs[e + 1] - offs[e] >= kPanelMinTokens) {
-        // Many tokens: the same sums through packed 32-row panels (see dot_tile.h).
+        // Many tokens: the same sums through packed 64-row panels (see dot_tile.h).
         float* wp = panel_buf(H);
         const int64_t base = offs[e];
         for (int64_t p0 = j0; p0 < j1; p0 += kPanelRows) {
@@ -162,7 +162,7 @@ Status moe_experts_cpu(const T* x, int64_t Tn, int64_t H, const Idx* ids, const 
                 offs[e + 1] - base, H, wp,
                 [&](int64_t t) { return xrow0 + (order[base + t] / K) * H; },
                 [&](int64_t t, const float* v) {
-                  float* ar = act + order[base + t] * 2 * I + half * I + p0;
+                  float* ar = act + (base + t) * 2 * I + half * I + p0;
                   for (int64_t r = 0; r < nr; ++r) ar[r] = v[r];
                 },
                 we + nxt * H, std::max<int64_t>(0, nxt_rows) * H * int64_t(sizeof(W)));
@@ -186,7 +186,7 @@ Status moe_experts_cpu(const T* x, int64_t Tn, int64_t H, const Idx* ids, const 
           float o[kTokTile][4];
           dot_tile(avx512, a, nt, w, H, o, t0 == offs[e] ? pf : nullptr);
           for (int i = 0; i < nt; ++i) {
-            float* ar = act + order[t0 + i] * 2 * I;
+            float* ar = act + (t0 + i) * 2 * I;
             ar[j] = o[i][0];
             ar[I + j] = o[i][2];
             if (j + 1 < I) {
@@ -198,7 +198,7 @@ Status moe_experts_cpu(const T* x, int64_t Tn, int64_t H, const Idx* ids, const 
       }
       }
       for (int64_t t = offs[e]; t < offs[e + 1]; ++t) {
-        float* ar = act + order[t] * 2 * I;
+        float* ar = act + t * 2 * I;
         silu_mul(avx512, ar + j0, ar + I + j0, j1 - j0);
       }
     }
@@ -218,7 +218,7 @@ Status moe_experts_cpu(const T* x, int64_t Tn, int64_t H, const Idx* ids, const 
           const int64_t nxt_rows = std::min<int64_t>(kPanelRows, H - (p0 + kPanelRows));
           panel_gemm(
               offs[e + 1] - base, I, wp,
-              [&](int64_t t) { return static_cast<const float*>(act + order[base + t] * 2 * I); },
+              [&](int64_t t) { return static_cast<const float*>(act + (base + t) * 2 * I); },
               [&](int64_t t, const float* v) {
                 float* yr = y + order[base + t] * H + p0;
                 for (int64_t r = 0; r < nr; ++r) yr[r] = v[r];
@@ -240,7 +240,7 @@ Status moe_experts_cpu(const T* x, int64_t Tn, int64_t H, const Idx* ids, const 
         for (int64_t t0 = tb; t0 < te; t0 += kTokTile) {
           const int nt = static_cast<int>(std::min<int64_t>(kTokTile, te - t0));
           const float* a[kTokTile];
-          for (int i = 0; i < nt; ++i) a[i] = act + order[t0 + i] * 2 * I;
+          for (int i = 0; i < nt; ++i) a[i] = act + (t0 + i) * 2 * I;
           float o[kTokTile][4];
           dot_tile(avx512, a, nt, w, I, o, t0 == offs[e] ? pf : nullptr);
           for (int i = 0; i < nt; ++i) {

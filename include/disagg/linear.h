@@ -38,8 +38,9 @@ Status linear_cpu(const T* x, int64_t N, int64_t K, const T* w, int64_t M, const
   const int64_t nrb = (M + RB - 1) / RB, ntb = (N + TB - 1) / TB;
   const bool parallel = num_threads > 1 && nrb * ntb > 1 && N * M * K >= (int64_t(1) << 20);
 #if DISAGG_HAVE_AVX512_PATH
-  if (avx512 && N >= kPanelMinTokens) {
-    // Many tokens: packed panels of 32 rows, each reused by up to 256 tokens.
+  if (avx512 && N >= kPanelMinTokens && M >= kPanelRows / 2) {
+    // Many tokens: packed panels of 64 rows, each reused by up to 256 tokens (not for a few
+    // output features, e.g. a router's: a panel computes all 64 rows).
     constexpr int64_t PTB = 256;
     const int64_t npb = (M + kPanelRows - 1) / kPanelRows, nptb = (N + PTB - 1) / PTB;
 #pragma omp parallel for schedule(static) num_threads(num_threads) if (parallel)
