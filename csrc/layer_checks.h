@@ -1,11 +1,13 @@
-// Argument checks of the model-layer ops (rms_norm, add_rms_norm, linear, moe_experts), shared
-// by the CPU and CUDA ops so both raise the same errors for the same bad input.
+// Argument checks of the model-layer ops (rms_norm, add_rms_norm, linear, moe_experts,
+// moe_experts_packed), shared by the CPU and CUDA ops so both raise the same errors for the
+// same bad input.
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <cmath>
 #include <optional>
+#include <vector>
 
 #include "checks.h"
 
@@ -91,6 +93,46 @@ inline bool check_moe_experts(const at::Tensor& x, const at::Tensor& ids,
                      ", I], got ", w2.sizes());
   DISAGG_CHECK_VALUE(w13.size(1) == 2 * I, op, "w13 must have 2I=", 2 * I,
                      " rows per expert (I from w2), got ", w13.size(1));
+  return bf16_weights;
+}
+
+// moe_experts_packed: x, ids, weights as moe_experts; w13p [E, 2, ceil(I/64), 16, ceil(H/16),
+// 4, 16] and w2p [E, ceil(H/64), 16, ceil(I/16), 4, 16] from pack_moe_weights. Returns
+// whether the packed weights are bf16 under float32 tokens.
+inline bool check_moe_experts_packed(const at::Tensor& x, const at::Tensor& ids,
+                                     const at::Tensor& weights, const at::Tensor& w13p,
+                                     const at::Tensor& w2p, int64_t inter, const char* op) {
+  check_dim(x, 2, op, "x", "[T, H]");
+  check_float(x, op, "x");
+  check_dim(ids, 2, op, "ids", "[T, k]");
+  check_index(ids, op, "ids");
+  check_dim(weights, 2, op, "weights", "[T, k]");
+  check_float(weights, op, "weights");
+  const bool bf16_weights = x.scalar_type() == at::kFloat &&
+                            w13p.scalar_type() == at::kBFloat16;
+  const at::ScalarType wt = bf16_weights ? at::kBFloat16 : x.scalar_type();
+  check_dtype(w13p, wt, op, "w13p");
+  check_contiguous(w13p, op, "w13p");
+  check_dtype(w2p, wt, op, "w2p");
+  check_contiguous(w2p, op, "w2p");
+  check_same_device(x, ids, op, "ids");
+  check_same_device(x, weights, op, "weights");
+  check_same_device(x, w13p, op, "w13p");
+  check_same_device(x, w2p, op, "w2p");
+  const int64_t T = x.size(0), H = x.size(1), K = ids.size(1);
+  DISAGG_CHECK_VALUE(inter >= 1, op, "inter must be >= 1, got ", inter);
+  DISAGG_CHECK_VALUE(ids.size(0) == T, op, "ids must have T=", T, " rows, got ", ids.size(0));
+  DISAGG_CHECK_VALUE(weights.size(0) == T && weights.size(1) == K, op, "weights must be [", T,
+                     ", ", K, "] like ids, got ", weights.sizes());
+  const int64_t E = w13p.dim() == 7 ? w13p.size(0) : -1;
+  const std::vector<int64_t> want13 = {E, 2, (inter + 63) / 64, 16, (H + 15) / 16, 4, 16};
+  const std::vector<int64_t> want2 = {E, (H + 63) / 64, 16, (inter + 15) / 16, 4, 16};
+  DISAGG_CHECK_VALUE(w13p.sizes().vec() == want13, op, "w13p must be pack_moe_weights' [E, 2, ",
+                     want13[2], ", 16, ", want13[4], ", 4, 16] for H=", H, ", inter=", inter,
+                     ", got ", w13p.sizes());
+  DISAGG_CHECK_VALUE(w2p.sizes().vec() == want2, op, "w2p must be pack_moe_weights' [E=", E,
+                     ", ", want2[1], ", 16, ", want2[3], ", 4, 16] for H=", H, ", inter=", inter,
+                     ", got ", w2p.sizes());
   return bf16_weights;
 }
 

@@ -91,6 +91,10 @@ TORCH_LIBRARY(disagg, m) {
   // x [T,H], ids [T,k] (-1 dropped), weights [T,k], w13 [E,2I,H] (gate rows then up rows),
   // w2 [E,H,I] -> [T,H]: sum_k weights * SiLU-gated expert MLP, float32 accumulation
   m.def("moe_experts(Tensor x, Tensor ids, Tensor weights, Tensor w13, Tensor w2) -> Tensor");
+  // the same with w13/w2 packed by pack_moe_weights (CPU with AVX-512): bit-identical output
+  m.def(
+      "moe_experts_packed(Tensor x, Tensor ids, Tensor weights, Tensor w13p, Tensor w2p, "
+      "int inter) -> Tensor");
   // x [...,H], weight [H] -> HF RMSNorm (float32 statistics)
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   // residual += x in place, then -> RMSNorm(residual)

@@ -80,7 +80,8 @@ def test_float32_run_keeps_bf16_experts_and_matches_transformers():
     assert {m.w13.dtype for m in moes} == {torch.bfloat16 if narrow else torch.float32}
     got = [o.outputs[0].token_ids for o in llm.generate(prompts, sp)]
     for m in moes:
-        m.w13, m.w2 = m.w13.float(), m.w2.float()
+        m.set_expert_weights(m.w13.float(), m.w2.float())
+        assert m.expert_dtype == torch.float32
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, sp)] == got
     tok = llm.get_tokenizer()
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(MODELS_DIR / "default"),

@@ -131,6 +131,56 @@ def test_moe_experts_opcheck_and_compile():
     torch.testing.assert_close(f(x, ids, w, w13, w2), ops.moe_experts(x, ids, w, w13, w2))
 
 
+needs_avx512 = pytest.mark.skipif(
+    torch.backends.cpu.get_cpu_capability() != "AVX512",
+    reason="packed expert weights run on CPUs with AVX-512 only")
+
+
+@needs_avx512
+@pytest.mark.parametrize("dtype,wdtype", [(torch.float32, torch.float32),
+                                          (torch.float32, torch.bfloat16),
+                                          (torch.bfloat16, torch.bfloat16)])
+@pytest.mark.parametrize("shape", [dict(T=1, H=37, inter=23, k=3), dict(T=16, H=128, inter=256, E=8),
+                                   dict(T=2, H=130, inter=70), dict(T=90, H=64, inter=33, E=3)])
+def test_moe_experts_packed_equals_moe_experts(dtype, wdtype, shape):
+    x, ids, w, w13, w2 = expert_inputs(dtype, **shape)
+    w13, w2 = w13.to(wdtype), w2.to(wdtype)
+    w13p, w2p = ops.pack_moe_weights(w13, w2)
+    H, inter = x.shape[1], w2.shape[2]
+    assert w13p.dtype == wdtype and w13p.shape == (w13.shape[0], 2, -(-inter // 64), 16,
+                                                   -(-H // 16), 4, 16)
+    u13, u2 = ops.unpack_moe_weights(w13p, w2p, H, inter)
+    assert torch.equal(u13, w13) and torch.equal(u2, w2)
+    out = ops.moe_experts_packed(x, ids, w, w13p, w2p, inter)
+    assert torch.equal(out, ops.moe_experts(x, ids, w, w13, w2))
+    torch.testing.assert_close(out, reference.moe_experts_packed(x, ids, w, w13p, w2p, inter),
+                               **TOL[dtype])
+
+
+@needs_avx512
+def test_moe_experts_packed_opcheck_compile_bad_input():
+    x, ids, w, w13, w2 = expert_inputs(T=5)
+    w13p, w2p = ops.pack_moe_weights(w13, w2)
+    I = w2.shape[2]
+    torch.library.opcheck(torch.ops.disagg.moe_experts_packed.default, (x, ids, w, w13p, w2p, I))
+    f = torch.compile(ops.moe_experts_packed, fullgraph=True)
+    torch.testing.assert_close(f(x, ids, w, w13p, w2p, I),
+                               ops.moe_experts_packed(x, ids, w, w13p, w2p, I))
+    g = ops.moe_experts_packed
+    with pytest.raises(ValueError, match="w13p must be pack_moe_weights"):
+        g(x, ids, w, w13p, w2p, I + 64)
+    with pytest.raises(ValueError, match="w2p must be pack_moe_weights"):
+        g(x, ids, w, w13p, w2p[:, :, :, :1].contiguous(), I)
+    with pytest.raises(ValueError, match="inter must be >= 1"):
+        g(x, ids, w, w13p, w2p, 0)
+    with pytest.raises(ValueError, match="w13p must be"):
+        g(x.bfloat16(), ids, w, w13p, w2p, I)
+    with pytest.raises(ValueError, match=r"ids must be in \[-1, E=5\)"):
+        g(x, torch.full_like(ids, 7), w, w13p, w2p, I)
+    with pytest.raises(ValueError, match="pack_moe_weights: w13 must be"):
+        ops.pack_moe_weights(w13[:, :-1], w2)
+
+
 def test_moe_experts_bad_input():
     x, ids, w, w13, w2 = expert_inputs(T=4)
     f = ops.moe_experts

@@ -150,32 +150,62 @@ DISAGG_AVX512 inline void pack_panel_512(const T* w, int64_t rows, int64_t n, in
 // out[t][0..16R-1] = dot_tile's outputs for tokens a[0..NT-1] and the rows of panel wp.
 // The lanes are taken in an order where tree siblings follow each other, and summed as they
 // come through a small stack (stk: 4 * NT * R * 16 floats).
-template <int NT, int R>
-DISAGG_AVX512 inline void panel_tile_512(const float* const* a, int64_t n, const float* wp,
-                                         float* const* out, float* stk) {
+template <int NT, int R, typename P>
+DISAGG_AVX512 inline void panel_tile_512(const float* const* a, int64_t n, const P* wp,
+                                         float* const* out, float* stk,
+                                         const char* pf = nullptr, int64_t pf_lines = 0) {
   static constexpr int kOrder[16] = {0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15};
   constexpr int S = NT * R * 16;
+  // With 1-2 tokens a pass has too few accumulators to cover the FMA latency: two sibling
+  // lanes then run together and are added as the tree adds them.
+  constexpr int LP = NT * R <= 8 ? 2 : 1;
   const int64_t J = (n + 15) / 16, full = n / 16, rem = n % 16;
   int depth = 0, level[4];
-  for (int li = 0; li < 16; ++li) {
-    const int l = kOrder[li];
-    __m512 acc[NT][R];
-    for (int t = 0; t < NT; ++t)
-      for (int v = 0; v < R; ++v) acc[t][v] = _mm512_setzero_ps();
-    const float* wl = wp + l * J * 16 * R;
-    const int64_t steps = full + (rem != 0 && l < rem ? 1 : 0);
-    for (int64_t j = 0; j < steps; ++j) {
-      __m512 w[R];
-      for (int v = 0; v < R; ++v) w[v] = _mm512_loadu_ps(wl + (j * R + v) * 16);
-      for (int t = 0; t < NT; ++t) {
-        const __m512 x = _mm512_set1_ps(a[t][16 * j + l]);
-        for (int v = 0; v < R; ++v) acc[t][v] = _mm512_fmadd_ps(x, w[v], acc[t][v]);
-      }
-    }
-    if (rem != 0 && l >= rem)  // the masked tail's fma(0, 0, acc)
+  for (int li = 0; li < 16; li += LP) {
+    __m512 acc2[LP][NT][R];
+    const P* wl[LP];
+    int lane[LP];
+    int64_t steps[LP], common = full + 1;
+    for (int q = 0; q < LP; ++q) {
+      lane[q] = kOrder[li + q];
+      wl[q] = wp + lane[q] * J * 16 * R;
+      steps[q] = full + (rem != 0 && lane[q] < rem ? 1 : 0);
+      common = std::min(common, steps[q]);
       for (int t = 0; t < NT; ++t)
-        for (int v = 0; v < R; ++v) acc[t][v] = _mm512_add_ps(acc[t][v], _mm512_setzero_ps());
-    int lev = 0;
+        for (int v = 0; v < R; ++v) acc2[q][t][v] = _mm512_setzero_ps();
+    }
+    if (pf != nullptr) {  // this pass's share of the lines to fetch into L2
+      for (int64_t k = li * pf_lines / 16; k < (li + LP) * pf_lines / 16; ++k)
+        _mm_prefetch(pf + k * 64, _MM_HINT_T1);
+    }
+    for (int64_t j = 0; j < common; ++j)
+      for (int q = 0; q < LP; ++q) {
+        __m512 w[R];
+        for (int v = 0; v < R; ++v) w[v] = v512::load(wl[q] + (j * R + v) * 16);
+        for (int t = 0; t < NT; ++t) {
+          const __m512 x = _mm512_set1_ps(a[t][16 * j + lane[q]]);
+          for (int v = 0; v < R; ++v) acc2[q][t][v] = _mm512_fmadd_ps(x, w[v], acc2[q][t][v]);
+        }
+      }
+    for (int q = 0; q < LP; ++q) {
+      if (steps[q] > common) {  // a tail lane the sibling lacks
+        __m512 w[R];
+        for (int v = 0; v < R; ++v) w[v] = v512::load(wl[q] + (common * R + v) * 16);
+        for (int t = 0; t < NT; ++t) {
+          const __m512 x = _mm512_set1_ps(a[t][16 * common + lane[q]]);
+          for (int v = 0; v < R; ++v) acc2[q][t][v] = _mm512_fmadd_ps(x, w[v], acc2[q][t][v]);
+        }
+      }
+      if (rem != 0 && lane[q] >= rem)  // the masked tail's fma(0, 0, acc)
+        for (int t = 0; t < NT; ++t)
+          for (int v = 0; v < R; ++v)
+            acc2[q][t][v] = _mm512_add_ps(acc2[q][t][v], _mm512_setzero_ps());
+    }
+    __m512 (&acc)[NT][R] = acc2[0];
+    if constexpr (LP == 2)
+      for (int t = 0; t < NT; ++t)
+        for (int v = 0; v < R; ++v) acc[t][v] = _mm512_add_ps(acc2[0][t][v], acc2[1][t][v]);
+    int lev = LP - 1;
     while (depth > 0 && level[depth - 1] == lev) {
       const float* s = stk + (--depth) * S;
       for (int t = 0; t < NT; ++t)
@@ -196,13 +226,14 @@ DISAGG_AVX512 inline void panel_tile_512(const float* const* a, int64_t n, const
 }
 
 // out[t][0..16R-1] for nt <= NT tokens.
-template <int NT, int R>
-DISAGG_AVX512 inline void panel_tile(const float* const* a, int nt, int64_t n, const float* wp,
-                                     float* const* out, float* stk) {
+template <int NT, int R, typename P>
+DISAGG_AVX512 inline void panel_tile(const float* const* a, int nt, int64_t n, const P* wp,
+                                     float* const* out, float* stk, const char* pf = nullptr,
+                                     int64_t pf_lines = 0) {
   if constexpr (NT > 1) {
-    if (nt < NT) return panel_tile<NT - 1, R>(a, nt, n, wp, out, stk);
+    if (nt < NT) return panel_tile<NT - 1, R, P>(a, nt, n, wp, out, stk, pf, pf_lines);
   }
-  panel_tile_512<NT, R>(a, n, wp, out, stk);
+  panel_tile_512<NT, R, P>(a, n, wp, out, stk, pf, pf_lines);
 }
 
 constexpr int kPanelR = 4;                 // vectors of rows per panel
@@ -214,11 +245,12 @@ constexpr int64_t kPanelMinTokens = 24;    // below this dot_tile is as fast (1 
 inline int64_t panel_scratch_floats(int64_t n) { return panel_floats<kPanelR>(n); }
 
 // For tokens 0..ntok-1 (activation rows a_of(t)) and the packed panel wp of rows
-// r0..r0+kPanelRows-1: emit(t, vals) with vals[0..kPanelRows) = dot_tile's outputs.
+// r0..r0+kPanelRows-1 (float32, or bf16 packed ahead of time and widened as read):
+// emit(t, vals) with vals[0..kPanelRows) = dot_tile's outputs.
 // [pf, pf + pf_bytes): the weights the caller packs next, fetched into L2 a few lines per
 // tile meanwhile (packing from DRAM otherwise stalls on every row).
-template <typename A, typename Emit>
-DISAGG_AVX512 inline void panel_gemm(int64_t ntok, int64_t n, const float* wp, A a_of,
+template <typename P, typename A, typename Emit>
+DISAGG_AVX512 inline void panel_gemm(int64_t ntok, int64_t n, const P* wp, A a_of,
                                      Emit emit, const void* pf = nullptr, int64_t pf_bytes = 0) {
   alignas(64) float tmp[kPanelTok][kPanelRows];
   alignas(64) float stk[4 * kPanelTok * kPanelRows];
@@ -228,8 +260,9 @@ DISAGG_AVX512 inline void panel_gemm(int64_t ntok, int64_t n, const float* wp, A
   const int64_t per_tile = tiles > 0 ? (lines + tiles - 1) / tiles : 0;
   int64_t next_line = 0;
   for (int64_t t0 = 0; t0 < ntok; t0 += kPanelTok) {
-    for (int64_t e = std::min(lines, next_line + per_tile); next_line < e; ++next_line)
-      _mm_prefetch(pfc + next_line * 64, _MM_HINT_T1);
+    // This tile's share of the lines, spread over its 16 lane passes.
+    const int64_t first = next_line, count = std::min(lines, next_line + per_tile) - first;
+    next_line += count;
     const int nt = static_cast<int>(std::min<int64_t>(kPanelTok, ntok - t0));
     const float* a[kPanelTok];
     float* o[kPanelTok];
@@ -237,7 +270,8 @@ DISAGG_AVX512 inline void panel_gemm(int64_t ntok, int64_t n, const float* wp, A
       a[i] = a_of(t0 + i);
       o[i] = tmp[i];
     }
-    panel_tile<kPanelTok, kPanelR>(a, nt, n, wp, o, stk);
+    panel_tile<kPanelTok, kPanelR, P>(a, nt, n, wp, o, stk, count > 0 ? pfc + first * 64 : nullptr,
+                                      count);
     for (int i = 0; i < nt; ++i) emit(t0 + i, static_cast<const float*>(tmp[i]));
   }
 }

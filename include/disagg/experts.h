@@ -52,6 +52,13 @@ static inline void silu_mul(bool avx512, float* g, const float* u, int64_t n) {
 
 using namespace dot_tile_detail;
 
+#if DISAGG_HAVE_AVX512_PATH
+// The row blocks below are one panel each; packed weights are indexed by them.
+static_assert(kPanelRows == 64, "moe_experts_cpu's row blocks are 64 rows");
+
+// Elements of one packed 64-row panel of n-long rows: [16 lanes, ceil(n / 16), 4, 16].
+inline int64_t moe_panel_elems(int64_t n) { return 16 * ((n + 15) / 16) * kPanelRows; }
+
 // Per-thread scratch for one packed panel of n-long rows.
 inline float* panel_buf(int64_t n) {
   thread_local std::vector<float> buf;
@@ -59,6 +66,7 @@ inline float* panel_buf(int64_t n) {
   if (buf.size() < need) buf.resize(need);
   return buf.data();
 }
+#endif
 constexpr int64_t kTokBlock = 32;  // tokens whose activations stay in L1 across a row block
 
 }  // namespace experts_detail
@@ -74,11 +82,14 @@ constexpr int64_t kTokBlock = 32;  // tokens whose activations stay in L1 across
 // The weights' type W may be narrower than the activations' T (bf16 weights of a checkpoint
 // run in float32): each weight is widened exactly, so the result equals the one computed with
 // float32 copies of the weights, for half the bytes streamed.
+// w13p, w2p (optional, AVX-512 only): the same weights packed ahead of time by
+// pack_moe_weights (moe_packed_layout below); then w13 and w2 are not read and every expert
+// runs the panel path, with the same results bit for bit.
 // Returns kInvalidArgument (writing nothing) when an id is outside [-1, E).
 template <typename T, typename Idx, typename W = T>
 Status moe_experts_cpu(const T* x, int64_t Tn, int64_t H, const Idx* ids, const float* weights,
                        int64_t K, const W* w13, const W* w2, int64_t E, int64_t I, T* out,
-                       int num_threads = 1) {
+                       int num_threads = 1, const W* w13p = nullptr, const W* w2p = nullptr) {
   using namespace experts_detail;
   const int64_t A = Tn * K;  // assignments
   for (int64_t a = 0; a < A; ++a) {
@@ -95,7 +106,8 @@ Status moe_experts_cpu(const T* x, int64_t Tn, int64_t H, const Idx* ids, const 
     for (int64_t t0 = 0; t0 < Tn; t0 += max_tok) {
       const int64_t n = std::min(max_tok, Tn - t0);
       const Status s = moe_experts_cpu<T, Idx, W>(x + t0 * H, n, H, ids + t0 * K, weights + t0 * K,
-                                               K, w13, w2, E, I, out + t0 * H, num_threads);
+                                               K, w13, w2, E, I, out + t0 * H, num_threads,
+                                               w13p, w2p);
       if (s != Status::kOk) return s;
     }
     return Status::kOk;
@@ -145,27 +157,35 @@ Status moe_experts_cpu(const T* x, int64_t Tn, int64_t H, const Idx* ids, const 
     for (int64_t task = 0; task < tasks1; ++task) {
       const int64_t e = used[task / nb1];
       const int64_t j0 = (task % nb1) * rb1, j1 = std::min(I, j0 + rb1);
-      const W* we = w13 + e * 2 * I * H;
+      const W* we = w13p != nullptr ? nullptr : w13 + e * 2 * I * H;
 #if DISAGG_HAVE_AVX512_PATH
-      if (avx512 && offs[e + 1] - offs[e] >= kPanelMinTokens) {
-        // Many tokens: the same sums through packed 64-row panels (see dot_tile.h).
-        float* wp = panel_buf(H);
+      if (w13p != nullptr || (avx512 && offs[e + 1] - offs[e] >= kPanelMinTokens)) {
+        // Many tokens (or packed weights): the same sums through 64-row panels (dot_tile.h).
+        float* wp = w13p != nullptr ? nullptr : panel_buf(H);
         const int64_t base = offs[e];
         for (int64_t p0 = j0; p0 < j1; p0 += kPanelRows) {
           const int64_t nr = std::min<int64_t>(kPanelRows, j1 - p0);
           for (int half = 0; half < 2; ++half) {  // gate rows, then up rows
+            auto a_of = [&](int64_t t) { return xrow0 + (order[base + t] / K) * H; };
+            auto emit = [&](int64_t t, const float* v) {
+              float* ar = act + (base + t) * 2 * I + half * I + p0;
+              for (int64_t r = 0; r < nr; ++r) ar[r] = v[r];
+            };
+            if (w13p != nullptr) {
+              const int64_t pe = moe_panel_elems(H), np = (I + kPanelRows - 1) / kPanelRows;
+              const W* pk = w13p + ((e * 2 + half) * np + p0 / kPanelRows) * pe;
+              // Fetch the panel read two later: this half's next row block.
+              const bool has_nx = p0 + kPanelRows < I;
+              panel_gemm(offs[e + 1] - base, H, pk, a_of, emit, has_nx ? pk + pe : nullptr,
+                         pe * int64_t(sizeof(W)));
+              continue;
+            }
             pack_panel_512<kPanelR>(we + half * I * H, I, H, p0, wp);
             // packed next: these rows of the up half, or the gate half's next rows
             const int64_t nxt = half == 0 ? I + p0 : p0 + kPanelRows;
             const int64_t nxt_rows = std::min<int64_t>(kPanelRows, (half == 0 ? 2 * I : I) - nxt);
-            panel_gemm(
-                offs[e + 1] - base, H, wp,
-                [&](int64_t t) { return xrow0 + (order[base + t] / K) * H; },
-                [&](int64_t t, const float* v) {
-                  float* ar = act + (base + t) * 2 * I + half * I + p0;
-                  for (int64_t r = 0; r < nr; ++r) ar[r] = v[r];
-                },
-                we + nxt * H, std::max<int64_t>(0, nxt_rows) * H * int64_t(sizeof(W)));
+            panel_gemm(offs[e + 1] - base, H, static_cast<const float*>(wp), a_of, emit,
+                       we + nxt * H, std::max<int64_t>(0, nxt_rows) * H * int64_t(sizeof(W)));
           }
         }
       } else
@@ -207,23 +227,30 @@ Status moe_experts_cpu(const T* x, int64_t Tn, int64_t H, const Idx* ids, const 
     for (int64_t task = 0; task < tasks2; ++task) {
       const int64_t e = used[task / nb2];
       const int64_t m0 = (task % nb2) * rb2, m1 = std::min(H, m0 + rb2);
-      const W* we = w2 + e * H * I;
+      const W* we = w2p != nullptr ? nullptr : w2 + e * H * I;
 #if DISAGG_HAVE_AVX512_PATH
-      if (avx512 && offs[e + 1] - offs[e] >= kPanelMinTokens) {
-        float* wp = panel_buf(I);
+      if (w2p != nullptr || (avx512 && offs[e + 1] - offs[e] >= kPanelMinTokens)) {
+        float* wp = w2p != nullptr ? nullptr : panel_buf(I);
         const int64_t base = offs[e];
         for (int64_t p0 = m0; p0 < m1; p0 += kPanelRows) {
           const int64_t nr = std::min<int64_t>(kPanelRows, m1 - p0);
+          auto a_of = [&](int64_t t) { return static_cast<const float*>(act + (base + t) * 2 * I); };
+          auto emit = [&](int64_t t, const float* v) {
+            float* yr = y + order[base + t] * H + p0;
+            for (int64_t r = 0; r < nr; ++r) yr[r] = v[r];
+          };
+          if (w2p != nullptr) {
+            const int64_t pe = moe_panel_elems(I), np = (H + kPanelRows - 1) / kPanelRows;
+            const W* pk = w2p + (e * np + p0 / kPanelRows) * pe;
+            panel_gemm(offs[e + 1] - base, I, pk, a_of, emit,
+                       p0 + 2 * kPanelRows < H ? pk + 2 * pe : nullptr, pe * int64_t(sizeof(W)));
+            continue;
+          }
           pack_panel_512<kPanelR>(we, H, I, p0, wp);
           const int64_t nxt_rows = std::min<int64_t>(kPanelRows, H - (p0 + kPanelRows));
-          panel_gemm(
-              offs[e + 1] - base, I, wp,
-              [&](int64_t t) { return static_cast<const float*>(act + (base + t) * 2 * I); },
-              [&](int64_t t, const float* v) {
-                float* yr = y + order[base + t] * H + p0;
-                for (int64_t r = 0; r < nr; ++r) yr[r] = v[r];
-              },
-              we + (p0 + kPanelRows) * I, std::max<int64_t>(0, nxt_rows) * I * int64_t(sizeof(W)));
+          panel_gemm(offs[e + 1] - base, I, static_cast<const float*>(wp), a_of, emit,
+                     we + (p0 + kPanelRows) * I,
+                     std::max<int64_t>(0, nxt_rows) * I * int64_t(sizeof(W)));
         }
         continue;
       }

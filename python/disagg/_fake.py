@@ -155,6 +155,12 @@ def _moe_experts_fake(x, ids, weights, w13, w2):
     return x.new_empty(x.shape)
 
 
+@register_fake("disagg::moe_experts_packed")
+def _moe_experts_packed_fake(x, ids, weights, w13p, w2p, inter):
+    torch._check(x.dim() == 2, lambda: "disagg.moe_experts_packed: x must be 2-D [T, H]")
+    return x.new_empty(x.shape)
+
+
 @register_fake("disagg::rms_norm")
 def _rms_norm_fake(x, weight, eps):
     return torch.empty_like(x, memory_format=torch.contiguous_format)

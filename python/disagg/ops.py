@@ -623,6 +623,64 @@ def moe_experts(
     return _ops.moe_experts(x, ids, weights, w13, w2)
 
 
+def _pack_rows(w: torch.Tensor) -> torch.Tensor:
+    """``[..., rows, n]`` -> ``[..., ceil(rows/64), 16, ceil(n/16), 4, 16]``: element
+    ``[p, l, j, v, i] = w[64 p + 16 v + i, 16 j + l]``, zero past the rows and n."""
+    *lead, rows, n = w.shape
+    P, J = -(-rows // 64), -(-n // 16)
+    w = torch.nn.functional.pad(w, (0, J * 16 - n, 0, P * 64 - rows))
+    w = w.reshape(*lead, P, 4, 16, J, 16)
+    d = len(lead)
+    return w.permute(*range(d), d, d + 4, d + 3, d + 1, d + 2).contiguous()
+
+
+def _unpack_rows(wp: torch.Tensor, rows: int, n: int) -> torch.Tensor:
+    *lead, P, _, J, _, _ = wp.shape
+    d = len(lead)
+    w = wp.permute(*range(d), d, d + 3, d + 4, d + 2, d + 1).reshape(*lead, P * 64, J * 16)
+    return w[..., :rows, :n].contiguous()
+
+
+def pack_moe_weights(w13: torch.Tensor, w2: torch.Tensor) -> tuple:
+    """Pack HF-layout expert weights for :func:`moe_experts_packed` (done once, at load).
+
+    The layout keeps 16 weight rows across a vector, lane-major within 64-row panels:
+    ``moe_experts`` builds the same panels on the fly for experts with many tokens, so the
+    packed op skips that work and takes the panel path for decode-sized batches too. Same
+    dtype and bytes as the input (plus padding to 64 rows and 16 columns).
+
+    Parameters
+    ----------
+    w13 : Tensor [E, 2I, H]
+    w2 : Tensor [E, H, I]
+
+    Returns
+    -------
+    (w13p [E, 2, ceil(I/64), 16, ceil(H/16), 4, 16], w2p [E, ceil(H/64), 16, ceil(I/16), 4, 16])
+    """
+    if w13.dim() != 3 or w2.dim() != 3 or w13.shape[1] != 2 * w2.shape[2] \
+            or w2.shape[1] != w13.shape[2] or w2.shape[0] != w13.shape[0]:
+        raise ValueError(f"pack_moe_weights: w13 must be [E, 2I, H] and w2 [E, H, I], got "
+                         f"{tuple(w13.shape)} and {tuple(w2.shape)}")
+    E, I2, H = w13.shape
+    return _pack_rows(w13.reshape(E, 2, I2 // 2, H)), _pack_rows(w2)
+
+
+def unpack_moe_weights(w13p: torch.Tensor, w2p: torch.Tensor, hidden: int, inter: int) -> tuple:
+    """The HF-layout ``(w13 [E, 2I, H], w2 [E, H, I])`` that :func:`pack_moe_weights` packed."""
+    E = w13p.shape[0]
+    return (_unpack_rows(w13p, inter, hidden).reshape(E, 2 * inter, hidden),
+            _unpack_rows(w2p, hidden, inter))
+
+
+def moe_experts_packed(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                       w13p: torch.Tensor, w2p: torch.Tensor, inter: int) -> torch.Tensor:
+    """:func:`moe_experts` with weights from :func:`pack_moe_weights`: the same result bit
+    for bit, with the panel path (no horizontal sums) for any number of tokens. CPU with
+    AVX-512 only; ``inter`` is the experts' intermediate size I."""
+    return _ops.moe_experts_packed(x, ids, weights, w13p, w2p, inter)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim as HF computes it: float32 statistics, the normalised value
     cast to x's dtype, then scaled by ``weight`` (x's dtype)."""

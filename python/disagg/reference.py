@@ -614,6 +614,14 @@ def moe_experts(x, ids, weights, w13, w2):
     return out.to(x.dtype)
 
 
+def moe_experts_packed(x, ids, weights, w13p, w2p, inter):
+    """:func:`moe_experts` on the weights :func:`disagg.ops.unpack_moe_weights` recovers."""
+    from .ops import unpack_moe_weights
+
+    w13, w2 = unpack_moe_weights(w13p, w2p, x.shape[1], inter)
+    return moe_experts(x, ids, weights, w13, w2)
+
+
 def rms_norm(x, weight, eps):
     """HF's RMSNorm: float32 statistics, cast back, then scale."""
     xf = x.float()

@@ -328,8 +328,10 @@ class Engine:
         if not sched:
             return outputs
         # Decoding requests that speculate get a draft tree instead of one token.
+        spec_on = self.spec.default.method != "off" or any(
+            getattr(s.req.params, "speculative", None) is not None for s in sched)
         spec_in = [(s, c) for s in sched if s.num_new == 1 and s.samples
-                   for c in [self.spec.config_for(s.req)] if c is not None]
+                   for c in [self.spec.config_for(s.req)] if c is not None] if spec_on else ()
         plans = {}
         if spec_in:
             for (s, _), plan in zip(spec_in, self.spec.prepare(spec_in)):
@@ -341,10 +343,24 @@ class Engine:
         ids, pos, slots, seqs, rows, sampled = [], [], [], [], [], []
         bs = self.block_size
         row = 0
+        n_decode = 0
         for s in sched:
             end = s.start + s.num_new
             blocks = self.kv.block_ids_view(s.req.request_id)
-            plan = plans.get(id(s))
+            plan = plans.get(id(s)) if plans else None
+            if plan is None and s.num_new == 1:  # a plain decode row (or a 1-token chunk)
+                req, p = s.req, s.start
+                np_ = len(req.prompt_token_ids)
+                ids.append(req.output_token_ids[p - np_] if p >= np_ else req.prompt_token_ids[p])
+                pos.append(p)
+                slots.append(blocks[p // bs] * bs + p % bs)
+                seqs.append((1, end, blocks))
+                row += 1
+                if end == np_ + len(req.output_token_ids):
+                    rows.append(row - 1)
+                    sampled.append(s)
+                n_decode += 1
+                continue
             if plan is not None:
                 # Node i's KV goes to position ctx + i; its RoPE position is ctx + depth.
                 n = len(plan.tree)
@@ -369,10 +385,8 @@ class Engine:
             if s.samples:
                 rows.append(row - 1)
                 sampled.append(s)
-            if s.num_new == 1:
-                self.stats["decode_tokens"] += 1
-            else:
-                self.stats["prefill_tokens"] += s.num_new
+            self.stats["prefill_tokens"] += s.num_new
+        self.stats["decode_tokens"] += n_decode
         self.stats["steps"] += 1
         t0 = time.perf_counter()
         try:

@@ -83,7 +83,9 @@ class MoE:
     gate : Tensor [E, H]
         Router weight.
     gate_up : Tensor [E, 2I, H]; down : Tensor [E, H, I]
-        As stored by HF (kept as ``w13``, ``w2``; the matmul path uses transposed views).
+        As stored by HF; kept packed for ``moe_experts_packed`` on CPUs with AVX-512 (see
+        :meth:`set_expert_weights`), else as ``w13``, ``w2`` (the matmul path uses transposed
+        views).
     """
 
     # Without AVX-512 the kernel runs its portable (AVX2) path, which beats the layout path
@@ -93,13 +95,43 @@ class MoE:
     def __init__(self, gate, gate_up, down, top_k: int, renormalize: bool, act,
                  shared: Optional[DenseMLP] = None, shared_gate: Optional[torch.Tensor] = None):
         self.gate = gate
-        self.w13 = gate_up.contiguous()
-        self.w2 = down.contiguous()
         self.num_experts = gate.shape[0]
         self.inter = down.shape[2]
+        self.hidden = down.shape[1]
         self.top_k, self.renormalize, self.act = top_k, renormalize, act
         self.shared, self.shared_gate = shared, shared_gate
         self.fused = act is F.silu
+        self._w13 = self._w2 = self._packed = None
+        self.set_expert_weights(gate_up, down)
+
+    def set_expert_weights(self, gate_up: torch.Tensor, down: torch.Tensor) -> None:
+        """Install HF-layout expert weights. SiLU experts on a CPU with AVX-512 keep them only
+        packed (``pack_moe_weights``, same bytes): ``moe_experts_packed`` then runs the panel
+        path for every batch size with ``moe_experts``' results bit for bit, and does not
+        repack panels for each prefill."""
+        if self.fused and _HAVE_AVX512 and gate_up.device.type == "cpu":
+            self._packed = ops.pack_moe_weights(gate_up, down)
+            self._w13 = self._w2 = None
+        else:
+            self._w13, self._w2, self._packed = gate_up.contiguous(), down.contiguous(), None
+
+    @property
+    def w13(self) -> torch.Tensor:
+        """``[E, 2I, H]`` (unpacked on demand when the weights are kept packed)."""
+        if self._packed is not None:
+            return ops.unpack_moe_weights(*self._packed, self.hidden, self.inter)[0]
+        return self._w13
+
+    @property
+    def w2(self) -> torch.Tensor:
+        """``[E, H, I]`` (unpacked on demand when the weights are kept packed)."""
+        if self._packed is not None:
+            return ops.unpack_moe_weights(*self._packed, self.hidden, self.inter)[1]
+        return self._w2
+
+    @property
+    def expert_dtype(self) -> torch.dtype:
+        return (self._packed[0] if self._packed is not None else self._w13).dtype
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         logits = linear(x, self.gate)
@@ -108,8 +140,10 @@ class MoE:
         rows = x.shape[0] * k
         # On CUDA moe_experts is the layout -> permute -> grouped GEMMs -> combine composite
         # of the library's CUDA ops, with no host sync.
-        if self.fused and (x.is_cuda or self.FUSED_MAX_ROWS is None
-                           or rows <= self.FUSED_MAX_ROWS):
+        if self._packed is not None and not x.is_cuda:
+            out = ops.moe_experts_packed(x, r.ids, r.weights, *self._packed, I)
+        elif self.fused and (x.is_cuda or self.FUSED_MAX_ROWS is None
+                             or rows <= self.FUSED_MAX_ROWS):
             out = ops.moe_experts(x, r.ids, r.weights, self.w13, self.w2)
         else:
             w13t, w2t = self.w13.transpose(1, 2), self.w2.transpose(1, 2)
