@@ -97,6 +97,12 @@ DISAGG_AVX512 inline void dot_tile_avx512(const float* const* a, int nt, const T
 // vertical adds in the same tree. Every output equals dot_tile's bit for bit, so callers pick
 // the path by batch size without changing a result (1.2-1.4x dot_tile from 32 tokens on).
 
+// The lanes in the order the tree sums them (siblings next to each other), and each lane's
+// slot in a packed panel (the order is its own inverse): panels store their lane blocks in
+// summing order, so the passes read a panel from start to end.
+constexpr int kLaneOrder[16] = {0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15};
+constexpr int kLaneSlot[16] = {0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15};
+
 // Floats a packed panel of R vectors (16 R rows) of n-long rows takes.
 template <int R>
 inline int64_t panel_floats(int64_t n) { return 16 * ((n + 15) / 16) * 16 * R; }
@@ -127,9 +133,9 @@ DISAGG_AVX512 inline void transpose16(__m512 r[16]) {
   }
 }
 
-// wp[((l * J + j) * R + v) * 16 + i] = w[(r0 + 16 v + i) * n + 16 j + l] (0 past n or past
-// the rows), J = ceil(n / 16): rows r0..r0+16R-1 of a [rows, n] matrix, lane-major, widened
-// to float32; by 16 x 16 register transposes.
+// wp[((kLaneSlot[l] * J + j) * R + v) * 16 + i] = w[(r0 + 16 v + i) * n + 16 j + l] (0 past
+// n or past the rows), J = ceil(n / 16): rows r0..r0+16R-1 of a [rows, n] matrix, lane-major,
+// widened to float32; by 16 x 16 register transposes.
 template <int R, typename T>
 DISAGG_AVX512 inline void pack_panel_512(const T* w, int64_t rows, int64_t n, int64_t r0,
                                          float* wp) {
@@ -143,7 +149,8 @@ DISAGG_AVX512 inline void pack_panel_512(const T* w, int64_t rows, int64_t n, in
         r[i] = row < rows ? v512::load(w + row * n + 16 * j, m) : _mm512_setzero_ps();
       }
       transpose16(r);
-      for (int l = 0; l < 16; ++l) _mm512_storeu_ps(wp + ((l * J + j) * R + v) * 16, r[l]);
+      for (int l = 0; l < 16; ++l)
+        _mm512_storeu_ps(wp + ((kLaneSlot[l] * J + j) * R + v) * 16, r[l]);
     }
 }
 
@@ -154,7 +161,6 @@ template <int NT, int R, typename P>
 DISAGG_AVX512 inline void panel_tile_512(const float* const* a, int64_t n, const P* wp,
                                          float* const* out, float* stk,
                                          const char* pf = nullptr, int64_t pf_lines = 0) {
-  static constexpr int kOrder[16] = {0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15};
   constexpr int S = NT * R * 16;
   // With 1-2 tokens a pass has too few accumulators to cover the FMA latency: two sibling
   // lanes then run together and are added as the tree adds them.
@@ -167,8 +173,8 @@ DISAGG_AVX512 inline void panel_tile_512(const float* const* a, int64_t n, const
     int lane[LP];
     int64_t steps[LP], common = full + 1;
     for (int q = 0; q < LP; ++q) {
-      lane[q] = kOrder[li + q];
-      wl[q] = wp + lane[q] * J * 16 * R;
+      lane[q] = kLaneOrder[li + q];
+      wl[q] = wp + (li + q) * J * 16 * R;  // lanes are stored in the order they are summed
       steps[q] = full + (rem != 0 && lane[q] < rem ? 1 : 0);
       common = std::min(common, steps[q]);
       for (int t = 0; t < NT; ++t)

@@ -623,20 +623,27 @@ def moe_experts(
     return _ops.moe_experts(x, ids, weights, w13, w2)
 
 
+# Lane l of a 16-wide vector is stored in slot _LANE_ORDER[l] of a packed panel: the order in
+# which the kernel sums the lanes (include/disagg/dot_tile.h, kLaneOrder; its own inverse).
+_LANE_ORDER = [0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15]
+
+
 def _pack_rows(w: torch.Tensor) -> torch.Tensor:
     """``[..., rows, n]`` -> ``[..., ceil(rows/64), 16, ceil(n/16), 4, 16]``: element
-    ``[p, l, j, v, i] = w[64 p + 16 v + i, 16 j + l]``, zero past the rows and n."""
+    ``[p, s, j, v, i] = w[64 p + 16 v + i, 16 j + _LANE_ORDER[s]]``, zero past the rows and n."""
     *lead, rows, n = w.shape
     P, J = -(-rows // 64), -(-n // 16)
     w = torch.nn.functional.pad(w, (0, J * 16 - n, 0, P * 64 - rows))
     w = w.reshape(*lead, P, 4, 16, J, 16)
     d = len(lead)
-    return w.permute(*range(d), d, d + 4, d + 3, d + 1, d + 2).contiguous()
+    w = w.permute(*range(d), d, d + 4, d + 3, d + 1, d + 2)
+    return w[(slice(None),) * (d + 1) + (_LANE_ORDER,)].contiguous()
 
 
 def _unpack_rows(wp: torch.Tensor, rows: int, n: int) -> torch.Tensor:
     *lead, P, _, J, _, _ = wp.shape
     d = len(lead)
+    wp = wp[(slice(None),) * (d + 1) + (_LANE_ORDER,)]
     w = wp.permute(*range(d), d, d + 3, d + 4, d + 2, d + 1).reshape(*lead, P * 64, J * 16)
     return w[..., :rows, :n].contiguous()
 
