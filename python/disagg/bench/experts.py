@@ -1,6 +1,8 @@
 """expert_gemm (the MoE FFN's grouped GEMM) against one torch matmul per expert, and against
 one dense torch.matmul of the same total FLOPs (``dense_ratio``: the dense matmul's time over
-the op's; 1.0 means the grouping costs nothing)."""
+the op's; 1.0 means the grouping costs nothing). On CPUs with AVX-512 also the model's CPU
+experts: moe_experts_packed (weights packed at load) against moe_experts on the HF layout,
+top-2 of 8 experts, float32 tokens."""
 from __future__ import annotations
 
 import os
@@ -18,6 +20,9 @@ SHAPES = [  # (T, E, k, K, N): tokens, experts, top-k, input and output width of
     (256, 64, 8, 2048, 2816),     # a decode-sized batch: many small problems
 ]
 QUICK = [(256, 8, 2, 256, 512), (64, 16, 4, 128, 256)]
+# (T, H, I, weight dtype): the tiny Mixtral's and the packaged model's expert sizes
+PACKED = [(1, 128, 256, "float32"), (16, 128, 256, "float32"), (1024, 128, 256, "float32"),
+          (1, 256, 512, "bfloat16"), (16, 256, 512, "bfloat16"), (1024, 256, 512, "bfloat16")]
 
 
 def add_arguments(p) -> None:
@@ -71,4 +76,31 @@ def run(args) -> list:
                         dtype=dtype, median_s=t_op, baseline="torch.mm per expert",
                         baseline_median_s=t_loop, tflops=flops / t_op / 1e12,
                         dense_median_s=t_dense, dense_ratio=t_dense / t_op, **extra))
+    if device.type == "cpu" and torch.backends.cpu.get_cpu_capability() == "AVX512":
+        rows += _packed_rows(args)
+    return rows
+
+
+def _packed_rows(args) -> list:
+    rows = []
+    for T, H, I, wdt in PACKED[1::3] if args.quick else PACKED:
+        g = torch.Generator().manual_seed(T + H)
+        E = 8
+        x = torch.randn(T, H, generator=g)
+        w13 = (torch.randn(E, 2 * I, H, generator=g) / H ** 0.5).to(getattr(torch, wdt))
+        w2 = (torch.randn(E, H, I, generator=g) / I ** 0.5).to(getattr(torch, wdt))
+        r = ops.route(torch.randn(T, E, generator=g), 2)
+        w13p, w2p = ops.pack_moe_weights(w13, w2)
+        if args.check:
+            assert torch.equal(ops.moe_experts_packed(x, r.ids, r.weights, w13p, w2p, I),
+                               ops.moe_experts(x, r.ids, r.weights, w13, w2))
+        t_op = median_time(lambda: ops.moe_experts_packed(x, r.ids, r.weights, w13p, w2p, I),
+                           args.device, args.min_run_time)
+        t_base = median_time(lambda: ops.moe_experts(x, r.ids, r.weights, w13, w2), args.device,
+                             args.min_run_time)
+        rows.append(row(op="moe_experts_packed", device=args.device,
+                        shape=dict(T=T, E=E, k=2, H=H, I=I, weights=wdt), dtype=torch.float32,
+                        median_s=t_op, baseline="moe_experts (HF layout)",
+                        baseline_median_s=t_base,
+                        tflops=2.0 * T * 2 * 3 * H * I / t_op / 1e12))
     return rows
