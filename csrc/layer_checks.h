@@ -61,15 +61,27 @@ inline void check_linear(const at::Tensor& x, const at::Tensor& weight,
 
 // x [T, H], ids/weights [T, k], w13 [E, 2I, H], w2 [E, H, I]: weights in x's dtype, or bfloat16
 // with float32 x. Returns whether the weights are bfloat16 under float32 x.
-inline bool check_moe_experts(const at::Tensor& x, const at::Tensor& ids,
-                              const at::Tensor& weights, const at::Tensor& w13,
-                              const at::Tensor& w2, const char* op) {
+// x [T, H], ids [T, k], weights [T, k] of the expert ops.
+inline void check_moe_tokens(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& weights,
+                             const char* op) {
   check_dim(x, 2, op, "x", "[T, H]");
   check_float(x, op, "x");
   check_dim(ids, 2, op, "ids", "[T, k]");
   check_index(ids, op, "ids");
   check_dim(weights, 2, op, "weights", "[T, k]");
   check_float(weights, op, "weights");
+  check_same_device(x, ids, op, "ids");
+  check_same_device(x, weights, op, "weights");
+  const int64_t T = x.size(0), K = ids.size(1);
+  DISAGG_CHECK_VALUE(ids.size(0) == T, op, "ids must have T=", T, " rows, got ", ids.size(0));
+  DISAGG_CHECK_VALUE(weights.size(0) == T && weights.size(1) == K, op, "weights must be [", T,
+                     ", ", K, "] like ids, got ", weights.sizes());
+}
+
+inline bool check_moe_experts(const at::Tensor& x, const at::Tensor& ids,
+                              const at::Tensor& weights, const at::Tensor& w13,
+                              const at::Tensor& w2, const char* op) {
+  check_moe_tokens(x, ids, weights, op);
   const bool bf16_weights = x.scalar_type() == at::kFloat &&
                             w13.scalar_type() == at::kBFloat16;
   const at::ScalarType wt = bf16_weights ? at::kBFloat16 : x.scalar_type();
@@ -79,15 +91,9 @@ inline bool check_moe_experts(const at::Tensor& x, const at::Tensor& ids,
   check_dim(w2, 3, op, "w2", "[E, H, I]");
   check_dtype(w2, wt, op, "w2");
   check_contiguous(w2, op, "w2");
-  check_same_device(x, ids, op, "ids");
-  check_same_device(x, weights, op, "weights");
   check_same_device(x, w13, op, "w13");
   check_same_device(x, w2, op, "w2");
-  const int64_t T = x.size(0), H = x.size(1), K = ids.size(1);
-  const int64_t E = w13.size(0), I = w2.size(2);
-  DISAGG_CHECK_VALUE(ids.size(0) == T, op, "ids must have T=", T, " rows, got ", ids.size(0));
-  DISAGG_CHECK_VALUE(weights.size(0) == T && weights.size(1) == K, op, "weights must be [", T,
-                     ", ", K, "] like ids, got ", weights.sizes());
+  const int64_t H = x.size(1), E = w13.size(0), I = w2.size(2);
   DISAGG_CHECK_VALUE(w13.size(2) == H, op, "w13 must be [E, 2I, H=", H, "], got ", w13.sizes());
   DISAGG_CHECK_VALUE(w2.size(0) == E && w2.size(1) == H, op, "w2 must be [E=", E, ", H=", H,
                      ", I], got ", w2.sizes());
@@ -102,12 +108,7 @@ inline bool check_moe_experts(const at::Tensor& x, const at::Tensor& ids,
 inline bool check_moe_experts_packed(const at::Tensor& x, const at::Tensor& ids,
                                      const at::Tensor& weights, const at::Tensor& w13p,
                                      const at::Tensor& w2p, int64_t inter, const char* op) {
-  check_dim(x, 2, op, "x", "[T, H]");
-  check_float(x, op, "x");
-  check_dim(ids, 2, op, "ids", "[T, k]");
-  check_index(ids, op, "ids");
-  check_dim(weights, 2, op, "weights", "[T, k]");
-  check_float(weights, op, "weights");
+  check_moe_tokens(x, ids, weights, op);
   const bool bf16_weights = x.scalar_type() == at::kFloat &&
                             w13p.scalar_type() == at::kBFloat16;
   const at::ScalarType wt = bf16_weights ? at::kBFloat16 : x.scalar_type();
@@ -115,15 +116,10 @@ inline bool check_moe_experts_packed(const at::Tensor& x, const at::Tensor& ids,
   check_contiguous(w13p, op, "w13p");
   check_dtype(w2p, wt, op, "w2p");
   check_contiguous(w2p, op, "w2p");
-  check_same_device(x, ids, op, "ids");
-  check_same_device(x, weights, op, "weights");
   check_same_device(x, w13p, op, "w13p");
   check_same_device(x, w2p, op, "w2p");
-  const int64_t T = x.size(0), H = x.size(1), K = ids.size(1);
+  const int64_t H = x.size(1);
   DISAGG_CHECK_VALUE(inter >= 1, op, "inter must be >= 1, got ", inter);
-  DISAGG_CHECK_VALUE(ids.size(0) == T, op, "ids must have T=", T, " rows, got ", ids.size(0));
-  DISAGG_CHECK_VALUE(weights.size(0) == T && weights.size(1) == K, op, "weights must be [", T,
-                     ", ", K, "] like ids, got ", weights.sizes());
   const int64_t E = w13p.dim() == 7 ? w13p.size(0) : -1;
   const std::vector<int64_t> want13 = {E, 2, (inter + 63) / 64, 16, (H + 15) / 16, 4, 16};
   const std::vector<int64_t> want2 = {E, (H + 63) / 64, 16, (inter + 15) / 16, 4, 16};

@@ -17,6 +17,24 @@ namespace disagg {
 namespace attn_detail {
 
 #if DISAGG_HAVE_AVX512_PATH
+// Scores s[0..n) -> their softmax numerators exp(s - max), in place; returns 1 / their sum.
+DISAGG_AVX512 inline float softmax_numerators(float* s, int64_t n) {
+  __m512 mx = _mm512_set1_ps(-INFINITY);
+  for (int64_t j = 0; j < n; j += 16)
+    mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY),
+                                                v512::tail_mask(n - j), s + j));
+  const __m512 mv = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = v512::tail_mask(n - j);
+    const __m512 e = _mm512_maskz_mov_ps(
+        m, v512::exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + j), mv)));
+    _mm512_mask_storeu_ps(s + j, m, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  return 1.f / _mm512_reduce_add_ps(sum);
+}
+
 // One (sequence, KV head) task: G query heads over n keys whose K rows are kp[i] and V rows
 // vp[i]; q rows (already scaled) in qf [G, D] float32; out rows at o[g * D]. `s` holds G * n
 // floats. Scores 4 keys at a time, a vectorized softmax, then probability-weighted values with
@@ -49,21 +67,7 @@ DISAGG_AVX512 static void attend_avx512(const float* qf, int64_t G, int64_t D, c
       }
       sg[i] = _mm512_reduce_add_ps(a0);
     }
-    // softmax numerators in place; the sum is applied at the end
-    __m512 mx = _mm512_set1_ps(-INFINITY);
-    for (int64_t j = 0; j < n; j += 16)
-      mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY),
-                                                  v512::tail_mask(n - j), sg + j));
-    const __m512 mv = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
-    __m512 sum = _mm512_setzero_ps();
-    for (int64_t j = 0; j < n; j += 16) {
-      const __mmask16 m = v512::tail_mask(n - j);
-      const __m512 e = _mm512_maskz_mov_ps(
-          m, v512::exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sg + j), mv)));
-      _mm512_mask_storeu_ps(sg + j, m, e);
-      sum = _mm512_add_ps(sum, e);
-    }
-    const float inv = 1.f / _mm512_reduce_add_ps(sum);
+    const float inv = softmax_numerators(sg, n);
     // weighted values: one 16-lane slice of the head at a time, all keys
     for (int64_t d = 0; d < D; d += 16) {
       const __mmask16 m = v512::tail_mask(D - d);
@@ -147,20 +151,7 @@ DISAGG_AVX512 static void attend_dv(const float* qf, int64_t G, const T* const* 
       for (int v = 1; v < DV; ++v) a0 = _mm512_fmadd_ps(q[v], v512::load(kp[i] + 16 * v), a0);
       sg[i] = _mm512_reduce_add_ps(a0);
     }
-    __m512 mx = _mm512_set1_ps(-INFINITY);
-    for (int64_t j = 0; j < n; j += 16)
-      mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY),
-                                                  v512::tail_mask(n - j), sg + j));
-    const __m512 mv = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
-    __m512 sum = _mm512_setzero_ps();
-    for (int64_t j = 0; j < n; j += 16) {
-      const __mmask16 m = v512::tail_mask(n - j);
-      const __m512 e = _mm512_maskz_mov_ps(
-          m, v512::exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sg + j), mv)));
-      _mm512_mask_storeu_ps(sg + j, m, e);
-      sum = _mm512_add_ps(sum, e);
-    }
-    inv[g] = 1.f / _mm512_reduce_add_ps(sum);
+    inv[g] = softmax_numerators(sg, n);
   }
   // As many query heads per pass as keep the accumulators (2 * GB * DV) in registers.
   constexpr int GB = DV == 1 ? 8 : DV == 2 ? 4 : DV == 4 ? 2 : 1;
