@@ -39,12 +39,15 @@ inline void check_add_rms_norm(const at::Tensor& residual, const at::Tensor& x,
 }
 
 // x [..., K], weight [M, K] (HF layout, contiguous), bias [M]? of x's dtype.
-inline void check_linear(const at::Tensor& x, const at::Tensor& weight,
+// weight in x's dtype, or bfloat16 with float32 x (returns true then: widened as read).
+inline bool check_linear(const at::Tensor& x, const at::Tensor& weight,
                          const std::optional<at::Tensor>& bias, const char* op) {
   check_float(x, op, "x");
   DISAGG_CHECK_VALUE(x.dim() >= 1, op, "x must have at least 1 dim [..., K], got a scalar");
   check_dim(weight, 2, op, "weight", "[M, K]");
-  check_dtype(weight, x.scalar_type(), op, "weight");
+  const bool bf16_weight = x.scalar_type() == at::kFloat &&
+                           weight.scalar_type() == at::kBFloat16;
+  check_dtype(weight, bf16_weight ? at::kBFloat16 : x.scalar_type(), op, "weight");
   check_contiguous(weight, op, "weight");
   check_same_device(x, weight, op, "weight");
   const int64_t K = x.size(-1), M = weight.size(0);
@@ -57,10 +60,9 @@ inline void check_linear(const at::Tensor& x, const at::Tensor& weight,
     check_same_device(x, b, op, "bias");
     DISAGG_CHECK_VALUE(b.size(0) == M, op, "bias must have M=", M, " entries, got ", b.size(0));
   }
+  return bf16_weight;
 }
 
-// x [T, H], ids/weights [T, k], w13 [E, 2I, H], w2 [E, H, I]: weights in x's dtype, or bfloat16
-// with float32 x. Returns whether the weights are bfloat16 under float32 x.
 // x [T, H], ids [T, k], weights [T, k] of the expert ops.
 inline void check_moe_tokens(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& weights,
                              const char* op) {
@@ -78,6 +80,8 @@ inline void check_moe_tokens(const at::Tensor& x, const at::Tensor& ids, const a
                      ", ", K, "] like ids, got ", weights.sizes());
 }
 
+// x [T, H], ids/weights [T, k], w13 [E, 2I, H], w2 [E, H, I]: weights in x's dtype, or bfloat16
+// with float32 x. Returns whether the weights are bfloat16 under float32 x.
 inline bool check_moe_experts(const at::Tensor& x, const at::Tensor& ids,
                               const at::Tensor& weights, const at::Tensor& w13,
                               const at::Tensor& w2, const char* op) {

@@ -65,9 +65,9 @@ def test_transformers_loads_and_generates():
 
 
 def test_float32_run_keeps_bf16_experts_and_matches_transformers():
-    """Run in float32, the bf16 checkpoint's routed experts stay bf16 where the CPU kernel
-    widens them as it reads (AVX-512): the tokens equal those with float32 copies of the
-    experts and those of transformers in float32."""
+    """Run in float32, the bf16 checkpoint's routed experts, attention projections and LM head
+    stay bf16 where the CPU kernels widen them as they read (AVX-512): the tokens equal those
+    with float32 copies of the weights and those of transformers in float32."""
     from disagg import LLM, SamplingParams
     from disagg.model.model import MoE
 
@@ -77,11 +77,19 @@ def test_float32_run_keeps_bf16_experts_and_matches_transformers():
     moes = [layer.mlp for layer in llm.engine.model.layers if isinstance(layer.mlp, MoE)]
     assert moes
     narrow = MoE.FUSED_MAX_ROWS is None
-    assert {m.w13.dtype for m in moes} == {torch.bfloat16 if narrow else torch.float32}
+    want = torch.bfloat16 if narrow else torch.float32
+    model = llm.engine.model
+    assert {m.w13.dtype for m in moes} == {want}
+    # the attention projections and the LM head too
+    assert {lay.w[k].dtype for lay in model.layers for k in ("qkv", "o")} | \
+        {model.lm_head.dtype} == {want}
     got = [o.outputs[0].token_ids for o in llm.generate(prompts, sp)]
     for m in moes:
         m.set_expert_weights(m.w13.float(), m.w2.float())
         assert m.expert_dtype == torch.float32
+    for lay in model.layers:
+        lay.w["qkv"], lay.w["o"] = lay.w["qkv"].float(), lay.w["o"].float()
+    model.lm_head = model.lm_head.float()
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, sp)] == got
     tok = llm.get_tokenizer()
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(MODELS_DIR / "default"),

@@ -302,6 +302,26 @@ def test_linear_many_tokens_equal_few(dtype, shape):
         torch.testing.assert_close(out, reference.linear(x, w, bias), **TOL[dtype])
 
 
+@pytest.mark.parametrize("N", [1, 5, 40, 300])
+def test_linear_bf16_weight_with_float32_x(N):
+    # A bf16 checkpoint's projections run in float32 stay bf16: the op widens each weight as
+    # it reads it, so the result equals the float32 copy's bit for bit (few rows through the
+    # dot tile, many through packed panels).
+    g = torch.Generator().manual_seed(N)
+    x = torch.randn(N, 130, generator=g)
+    w = (torch.randn(96, 130, generator=g) / 130 ** 0.5).bfloat16()
+    b = torch.randn(96, generator=g)
+    for bias in (None, b):
+        out = ops.linear(x, w, bias)
+        assert out.dtype == torch.float32
+        assert torch.equal(out, ops.linear(x, w.float(), bias))
+    torch.library.opcheck(torch.ops.disagg.linear.default, (x, w, b))
+    with pytest.raises(ValueError, match="weight must be"):
+        ops.linear(x, w.half(), None)
+    with pytest.raises(ValueError, match="bias must be"):
+        ops.linear(x, w, b.bfloat16())
+
+
 def test_linear_shapes_threads_opcheck_compile():
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(2, 5, 64, generator=g), torch.randn(96, 64, generator=g)

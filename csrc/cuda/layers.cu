@@ -64,9 +64,9 @@ at::Tensor add_rms_norm_cuda_op(at::Tensor& residual, const at::Tensor& x,
 // cuBLAS (float32 accumulation) through ATen: on a GPU a hand-written GEMV has nothing to add.
 at::Tensor linear_cuda_op(const at::Tensor& x, const at::Tensor& weight,
                           const std::optional<at::Tensor>& bias) {
-  check_linear(x, weight, bias, "linear");
+  const bool bf16_weight = check_linear(x, weight, bias, "linear");
   c10::cuda::CUDAGuard guard(x.device());
-  return at::linear(x, weight, bias);
+  return at::linear(x, bf16_weight ? weight.to(x.scalar_type()) : weight, bias);
 }
 
 // route's ids -> moe_layout -> moe_permute -> expert_gemm (w13) -> SiLU(gate) * up ->

@@ -18,8 +18,10 @@ namespace disagg {
 // x [N, K], w [M, K], bias [M] or null -> out [N, M]; float32 accumulation, one rounding to T.
 // Work is split over blocks of 64 output features x 64 tokens on up to `num_threads` OpenMP
 // threads when there is enough of it. Each output is the same whatever N and the threads.
-template <typename T>
-Status linear_cpu(const T* x, int64_t N, int64_t K, const T* w, int64_t M, const T* bias, T* out,
+// The weight's type W may be bf16 under float32 T (a bf16 checkpoint run in float32): each
+// weight is widened exactly, so the outputs equal those of a float32 copy, bit for bit.
+template <typename T, typename W = T>
+Status linear_cpu(const T* x, int64_t N, int64_t K, const W* w, int64_t M, const T* bias, T* out,
                   int num_threads = 1) {
   using namespace dot_tile_detail;
   if (N < 0 || K < 0 || M < 0) return Status::kInvalidArgument;
@@ -63,7 +65,7 @@ Status linear_cpu(const T* x, int64_t N, int64_t K, const T* w, int64_t M, const
           },
           w + (m0 + kPanelRows) * K,
           std::max<int64_t>(0, std::min<int64_t>(kPanelRows, M - m0 - kPanelRows)) * K *
-              int64_t(sizeof(T)));
+              int64_t(sizeof(W)));
     }
     return Status::kOk;
   }
@@ -73,8 +75,8 @@ Status linear_cpu(const T* x, int64_t N, int64_t K, const T* w, int64_t M, const
     const int64_t m0 = (task % nrb) * RB, m1 = std::min(M, m0 + RB);
     const int64_t n0 = (task / nrb) * TB, n1 = std::min(N, n0 + TB);
     for (int64_t m = m0; m < m1; m += 4) {
-      const T* wr[4];
-      const T* pf[4];
+      const W* wr[4];
+      const W* pf[4];
       for (int r = 0; r < 4; ++r) {
         wr[r] = w + std::min(m + r, M - 1) * K;
         pf[r] = w + std::min(m + 8 + r, M - 1) * K;

@@ -740,5 +740,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor,
            bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``x @ weight.T + bias`` (``weight`` ``[M, K]`` contiguous, as HF stores projections),
     float32 accumulation, one rounding to x's dtype. Streams the weight once for a few rows
-    (decode), where a BLAS call costs mostly setup; also used for prefill-sized inputs."""
+    (decode), where a BLAS call costs mostly setup; also used for prefill-sized inputs.
+    ``weight`` is in x's dtype, or bfloat16 under float32 ``x`` (a bf16 checkpoint run in
+    float32: widened exactly as read, the result equals that of a float32 copy bit for bit);
+    ``bias`` is in x's dtype."""
     return _ops.linear(x, weight, bias)

@@ -56,6 +56,15 @@ def test_linear_matches_cpu(dtype, bias):
     torch.testing.assert_close(got, ops.linear(x, w, b), **tol)
 
 
+def test_linear_bf16_weight_with_float32_x():
+    g = gen(4)
+    x = torch.randn(7, 256, generator=g)
+    w = (torch.randn(384, 256, generator=g) * 0.05).bfloat16()
+    got = ops.linear(x.to(DEV), w.to(DEV)).cpu()
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, ops.linear(x, w), atol=1e-3, rtol=1e-3)
+
+
 def _experts(T, E, H, I, k, dtype, wdtype, seed):
     g = gen(seed)
     x = torch.randn(T, H, generator=g).to(dtype)

@@ -172,15 +172,21 @@ class MoE:
         return out
 
 
-def _expert_weight_dtype(ws: WeightStore, names: list, dtype: torch.dtype, act):
-    """bfloat16 for the routed experts of a bf16 checkpoint run in float32 on a CPU whose
-    ``moe_experts`` kernel widens bf16 weights as it reads them (AVX-512, SiLU experts): the
-    products are exact, so the results are the float32 ones bit for bit, and decode streams
-    half the bytes. Otherwise the compute dtype."""
-    if (dtype == torch.float32 and act is F.silu and MoE.FUSED_MAX_ROWS is None
+def _weight_dtype(ws: WeightStore, names: list, dtype: torch.dtype) -> torch.dtype:
+    """bfloat16 for weights a bf16 checkpoint stores, in a float32 run on a CPU whose kernels
+    (``linear``, ``moe_experts``: AVX-512) widen bf16 weights as they read them: the products
+    are exact, so the results are the float32 ones bit for bit, and decode streams half the
+    bytes. Otherwise the compute dtype."""
+    if (dtype == torch.float32 and _HAVE_AVX512
             and all(ws.stored_dtype(n) == torch.bfloat16 for n in names if ws.has(n))):
         return torch.bfloat16
     return dtype
+
+
+def _expert_weight_dtype(ws: WeightStore, names: list, dtype: torch.dtype, act):
+    """:func:`_weight_dtype` for routed experts, which the narrow kernels serve for SiLU
+    experts only."""
+    return _weight_dtype(ws, names, dtype) if act is F.silu else dtype
 
 
 def moe_weight_names(cfg: ModelConfig, ws: WeightStore, i: int):
@@ -321,11 +327,13 @@ class CausalLM:
         for i in range(cfg.num_hidden_layers):
             p = f"model.layers.{i}."
             a = p + "self_attn."
+            # projections a bf16 checkpoint stores stay bf16 in a float32 run (exact widening)
+            pdt = _weight_dtype(ws, [a + f"{n}_proj.weight" for n in "qkvo"], dtype)
             w = {
                 "input_norm": ws.require(p + "input_layernorm.weight"),
                 "post_norm": ws.require(p + "post_attention_layernorm.weight"),
-                "qkv": torch.cat([ws.require(a + f"{n}_proj.weight") for n in "qkv"]),
-                "o": ws.require(a + "o_proj.weight"),
+                "qkv": torch.cat([ws.require(a + f"{n}_proj.weight", pdt) for n in "qkv"]),
+                "o": ws.require(a + "o_proj.weight", pdt),
             }
             if cfg.attention_bias or ws.has(a + "q_proj.bias"):
                 w["qkv_bias"] = torch.cat([ws.require(a + f"{n}_proj.bias") for n in "qkv"])
@@ -341,16 +349,17 @@ class CausalLM:
                 raise KeyError(f"checkpoint {ws.path!r} is missing tensor 'lm_head.weight'")
             lm_head = embed
         else:
-            lm_head = ws.get("lm_head.weight")
+            lm_head = ws.get("lm_head.weight", _weight_dtype(ws, ["lm_head.weight"], dtype))
         return cls(cfg, embed, layers, norm, lm_head, dtype)
 
     @staticmethod
     def _mlp(cfg: ModelConfig, ws: WeightStore, i: int, act):
         p = f"model.layers.{i}."
         if not cfg.is_moe_layer(i):
-            return DenseMLP(torch.cat([ws.require(p + "mlp.gate_proj.weight"),
-                                       ws.require(p + "mlp.up_proj.weight")]),
-                            ws.require(p + "mlp.down_proj.weight"), act)
+            names = [p + f"mlp.{n}_proj.weight" for n in ("gate", "up", "down")]
+            wdt = _weight_dtype(ws, names, ws.dtype)
+            return DenseMLP(torch.cat([ws.require(names[0], wdt), ws.require(names[1], wdt)]),
+                            ws.require(names[2], wdt), act)
         E = cfg.num_experts
         m, names = moe_weight_names(cfg, ws, i)
         gate = ws.require(m + "gate.weight")
@@ -371,9 +380,10 @@ class CausalLM:
         shared = shared_gate = None
         if cfg.shared_expert_intermediate_size:
             s = m + "shared_expert."
-            shared = DenseMLP(torch.cat([ws.require(s + "gate_proj.weight"),
-                                         ws.require(s + "up_proj.weight")]),
-                              ws.require(s + "down_proj.weight"), act)
+            names = [s + f"{n}_proj.weight" for n in ("gate", "up", "down")]
+            sdt = _weight_dtype(ws, names, ws.dtype)
+            shared = DenseMLP(torch.cat([ws.require(names[0], sdt), ws.require(names[1], sdt)]),
+                              ws.require(names[2], sdt), act)
             shared_gate = ws.require(m + "shared_expert_gate.weight")
         return MoE(gate, gate_up, down, cfg.num_experts_per_tok, cfg.norm_topk_prob, act,
                    shared, shared_gate)
