@@ -82,9 +82,11 @@ constexpr int64_t kTokBlock = 32;  // tokens whose activations stay in L1 across
 // The weights' type W may be narrower than the activations' T (bf16 weights of a checkpoint
 // run in float32): each weight is widened exactly, so the result equals the one computed with
 // float32 copies of the weights, for half the bytes streamed.
-// w13p, w2p (optional, AVX-512 only): the same weights packed ahead of time by
-// pack_moe_weights (moe_packed_layout below); then w13 and w2 are not read and every expert
-// runs the panel path, with the same results bit for bit.
+// w13p, w2p (optional, AVX-512 only): the same weights packed ahead of time (the Python
+// ops.pack_moe_weights): per expert, ceil(I/64) gate panels, then as many up panels, of
+// rows of H; w2p ceil(H/64) panels of rows of I; each panel as pack_panel_512 lays it out
+// (moe_panel_elems elements). Then w13 and w2 are not read and every expert runs the panel
+// path, with the same results bit for bit.
 // Returns kInvalidArgument (writing nothing) when an id is outside [-1, E).
 template <typename T, typename Idx, typename W = T>
 Status moe_experts_cpu(const T* x, int64_t Tn, int64_t H, const Idx* ids, const float* weights,
