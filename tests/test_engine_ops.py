@@ -131,12 +131,6 @@ def test_moe_experts_opcheck_and_compile():
     torch.testing.assert_close(f(x, ids, w, w13, w2), ops.moe_experts(x, ids, w, w13, w2))
 
 
-needs_avx512 = pytest.mark.skipif(
-    torch.backends.cpu.get_cpu_capability() != "AVX512",
-    reason="packed expert weights run on CPUs with AVX-512 only")
-
-
-@needs_avx512
 @pytest.mark.parametrize("dtype,wdtype", [(torch.float32, torch.float32),
                                           (torch.float32, torch.bfloat16),
                                           (torch.bfloat16, torch.bfloat16)])
@@ -157,7 +151,6 @@ def test_moe_experts_packed_equals_moe_experts(dtype, wdtype, shape):
                                **TOL[dtype])
 
 
-@needs_avx512
 def test_moe_experts_packed_opcheck_compile_bad_input():
     x, ids, w, w13, w2 = expert_inputs(T=5)
     w13p, w2p = ops.pack_moe_weights(w13, w2)
@@ -372,6 +365,9 @@ for dt, tol in [(torch.float32, 2e-5), (torch.bfloat16, 2e-2)]:
     w2 = (torch.randn(5, 37, 23, generator=g) / 5).to(dt)
     torch.testing.assert_close(ops.moe_experts(x, ids, w, w13, w2),
                                reference.moe_experts(x, ids, w, w13, w2), atol=tol, rtol=tol)
+    # packed weights without AVX-512: unpacked and run the same way
+    assert torch.equal(ops.moe_experts_packed(x, ids, w, *ops.pack_moe_weights(w13, w2), 23),
+                       ops.moe_experts(x, ids, w, w13, w2))
     wl, b = (torch.randn(19, 37, generator=g) / 6).to(dt), torch.randn(19, generator=g).to(dt)
     torch.testing.assert_close(ops.linear(x, wl, b), reference.linear(x, wl, b), atol=tol, rtol=tol)
     nw = (torch.rand(37, generator=g) + 0.5).to(dt)

@@ -4,6 +4,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <iterator>
+#include <vector>
+
 #include "checks.h"
 #include "layer_checks.h"
 #include "disagg/experts.h"
@@ -56,15 +59,38 @@ at::Tensor moe_experts_cpu_op(const at::Tensor& x, const at::Tensor& ids,
                      w2.size(2), bf16_weights, op);
 }
 
+// [..., P, 16, J, 4, 16] panels (lane blocks in summing order) -> [..., rows, n].
+at::Tensor unpack_rows(const at::Tensor& wp, int64_t rows, int64_t n) {
+  const int64_t d = wp.dim() - 5;
+  std::vector<int64_t> order(std::begin(dot_tile_detail::kLaneOrder),
+                             std::end(dot_tile_detail::kLaneOrder));
+  at::Tensor w = wp.index_select(d + 1, at::tensor(order, at::kLong));  // its own inverse
+  std::vector<int64_t> perm, shape;
+  for (int64_t i = 0; i < d; ++i) {
+    perm.push_back(i);
+    shape.push_back(wp.size(i));
+  }
+  for (int64_t i : {d, d + 3, d + 4, d + 2, d + 1}) perm.push_back(i);
+  shape.push_back(wp.size(d) * 64);
+  shape.push_back(wp.size(d + 2) * 16);
+  return w.permute(perm).reshape(shape).narrow(d, 0, rows).narrow(d + 1, 0, n).contiguous();
+}
+
 at::Tensor moe_experts_packed_cpu_op(const at::Tensor& x, const at::Tensor& ids,
                                      const at::Tensor& weights, const at::Tensor& w13p,
                                      const at::Tensor& w2p, int64_t inter) {
   const char* op = "moe_experts_packed";
   const bool bf16_weights = check_moe_experts_packed(x, ids, weights, w13p, w2p, inter, op);
-  DISAGG_CHECK_VALUE(cpu_has_avx512(), op, "packed expert weights need a CPU with AVX-512 "
-                     "(use moe_experts with the HF layout elsewhere)");
-  return run_experts(x, ids, weights, at::Tensor(), at::Tensor(), w13p, w2p, w13p.size(0),
-                     inter, bf16_weights, op);
+  const int64_t E = w13p.size(0), H = x.size(1);
+  if (!cpu_has_avx512()) {
+    // The panel kernels are AVX-512 code: elsewhere unpack and run the dot-tile path (the same
+    // results; slow, for portability only: the model packs only where AVX-512 runs).
+    return run_experts(x, ids, weights, unpack_rows(w13p, inter, H).reshape({E, 2 * inter, H}),
+                       unpack_rows(w2p, H, inter), at::Tensor(), at::Tensor(), E, inter,
+                       bf16_weights, op);
+  }
+  return run_experts(x, ids, weights, at::Tensor(), at::Tensor(), w13p, w2p, E, inter,
+                     bf16_weights, op);
 }
 
 }  // namespace

@@ -683,8 +683,9 @@ def unpack_moe_weights(w13p: torch.Tensor, w2p: torch.Tensor, hidden: int, inter
 def moe_experts_packed(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                        w13p: torch.Tensor, w2p: torch.Tensor, inter: int) -> torch.Tensor:
     """:func:`moe_experts` with weights from :func:`pack_moe_weights`: the same result bit
-    for bit, with the panel path (no horizontal sums) for any number of tokens. CPU with
-    AVX-512 only; ``inter`` is the experts' intermediate size I."""
+    for bit, with the panel path (no horizontal sums) for any number of tokens on CPUs with
+    AVX-512 (elsewhere it unpacks the weights and runs ``moe_experts``'s path: portable, not
+    fast). ``inter`` is the experts' intermediate size I. CPU tensors only."""
     return _ops.moe_experts_packed(x, ids, weights, w13p, w2p, inter)
 
 
