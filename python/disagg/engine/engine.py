@@ -343,24 +343,10 @@ class Engine:
         ids, pos, slots, seqs, rows, sampled = [], [], [], [], [], []
         bs = self.block_size
         row = 0
-        n_decode = 0
         for s in sched:
             end = s.start + s.num_new
             blocks = self.kv.block_ids_view(s.req.request_id)
             plan = plans.get(id(s)) if plans else None
-            if plan is None and s.num_new == 1:  # a plain decode row (or a 1-token chunk)
-                req, p = s.req, s.start
-                np_ = len(req.prompt_token_ids)
-                ids.append(req.output_token_ids[p - np_] if p >= np_ else req.prompt_token_ids[p])
-                pos.append(p)
-                slots.append(blocks[p // bs] * bs + p % bs)
-                seqs.append((1, end, blocks))
-                row += 1
-                if end == np_ + len(req.output_token_ids):
-                    rows.append(row - 1)
-                    sampled.append(s)
-                n_decode += 1
-                continue
             if plan is not None:
                 # Node i's KV goes to position ctx + i; its RoPE position is ctx + depth.
                 n = len(plan.tree)
@@ -385,8 +371,10 @@ class Engine:
             if s.samples:
                 rows.append(row - 1)
                 sampled.append(s)
-            self.stats["prefill_tokens"] += s.num_new
-        self.stats["decode_tokens"] += n_decode
+            if s.num_new == 1:
+                self.stats["decode_tokens"] += 1
+            else:
+                self.stats["prefill_tokens"] += s.num_new
         self.stats["steps"] += 1
         t0 = time.perf_counter()
         try:
@@ -434,8 +422,9 @@ class Engine:
         else:
             plain = range(len(sampled))  # one row of logits each, in order
         if plain:
-            plain_logits = logits[torch.tensor([spans[k][0] for k in plain], dtype=torch.long)] \
-                if plans else logits
+            plain_logits = logits
+            if plans:
+                plain_logits = logits[long_tensor([spans[k][0] for k in plain])]
             greedy = plain_logits.argmax(-1).tolist()
         now = time.perf_counter()
         for j, k in enumerate(plain):
